@@ -1,0 +1,37 @@
+"""emis_interp: persona vectors in emergent misalignment, for Qwen2.5 models.
+
+Layer ``l`` is the residual stream after decoder layer ``l`` (HF ``hidden_states[l+1]``, TL
+``blocks.{l}.hook_resid_post``); steering ``alpha`` is in units of the direction's raw norm.
+"""
+
+from .capture import Activations, TokenActivations, capture
+from .conversations import Batch, Conversation, load_jsonl, make_batch
+from .directions import PersonaDirection, model_diff, rank_layers, response_contrast, system_prompt_contrast
+from .hooks import hook_name, residual_hooks
+from .interventions import ablate, add_vectors, steer
+from .models import check_layers, decoder_layers, load_model, load_tokenizer, model_fingerprint
+
+__all__ = [
+    "Activations",
+    "Batch",
+    "Conversation",
+    "PersonaDirection",
+    "TokenActivations",
+    "ablate",
+    "add_vectors",
+    "capture",
+    "check_layers",
+    "decoder_layers",
+    "hook_name",
+    "load_jsonl",
+    "load_model",
+    "load_tokenizer",
+    "make_batch",
+    "model_diff",
+    "model_fingerprint",
+    "rank_layers",
+    "residual_hooks",
+    "response_contrast",
+    "steer",
+    "system_prompt_contrast",
+]

@@ -1,0 +1,101 @@
+"""Atomic safetensors files and the activation cache under ``cache/``.
+
+Entries are keyed by model fingerprint, prompt-set hash, chat template, layers, reduction and
+dtype, so a repeated run costs nothing. Every file is written to a temporary name and renamed
+into place, and carries a SHA-256 of its tensor bytes in its metadata: a truncated or corrupt
+file is detected on read, deleted and recomputed, never silently used. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("EMIS_INTERP_CACHE", "cache"))
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Save safetensors atomically (temp file + ``os.replace``) with a checksum in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = dict(metadata or {})
+    meta["sha256"] = _digest(tensors)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+class CorruptCacheError(RuntimeError):
+    pass
+
+
+def verified_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a file written by :func:`atomic_save`; raise :class:`CorruptCacheError` if it does not check out."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptCacheError(f"{path}: unreadable ({e})") from e
+    if meta.get("sha256") != _digest(tensors):
+        raise CorruptCacheError(f"{path}: checksum mismatch")
+    return tensors, meta
+
+
+def cache_key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cached(path: Path, compute, metadata: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+    """Return ``(tensors, hit)``: the verified file at ``path``, or ``compute()`` saved there atomically.
+
+    A corrupt or truncated file is removed and recomputed.
+    """
+    path = Path(path)
+    if path.exists():
+        try:
+            return verified_load(path)[0], True
+        except CorruptCacheError as e:
+            import warnings
+
+            warnings.warn(f"recomputing corrupt cache entry: {e}", stacklevel=2)
+            path.unlink(missing_ok=True)
+    tensors = compute()
+    atomic_save(tensors, path, metadata)
+    return tensors, False

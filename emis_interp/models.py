@@ -1,0 +1,227 @@
+"""Loading Qwen2.5 models (HF ids, local dirs, LoRA adapters) and the layer-index convention.
+
+**Layer convention.** "Layer ``l``" (0-based, ``0 <= l < n_layers``) always means the residual
+stream *after* decoder layer ``l`` (``model.model.layers[l]``'s output), which TransformerLens calls
+``blocks.{l}.hook_resid_post``. In HF ``output_hidden_states`` terms that is
+``hidden_states[l + 1]`` for every ``l < n_layers - 1``; the last entry of ``hidden_states`` is
+taken *after* the final RMSNorm, so it is not layer ``n_layers - 1``'s raw output.
+``hidden_states[0]`` (the embeddings) has no layer index here. Some public EM code indexes
+``hidden_states[l]`` and so is off by one from this convention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("qwen2",)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+def _looks_like_path(name: str) -> bool:
+    """HF ids are exactly ``owner/name``; anything else (or anything that exists) is a local path."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def default_dtype(device: str | torch.device | None) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere."""
+    return torch.bfloat16 if device is not None and torch.device(device).type == "cuda" else torch.float32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_local_model_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{what} {str(path)!r} does not exist. Pass an existing directory written by save_pretrained, "
+            "or a Hugging Face id such as 'Qwen/Qwen2.5-0.5B-Instruct'."
+        )
+    if not path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a file; pass the directory that holds config.json.")
+
+
+def _check_architecture(config: dict, where: str) -> None:
+    mt = config.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{where} has model_type={mt!r} (architectures={config.get('architectures')}); emis_interp supports "
+            f"Qwen2 / Qwen2.5 models (model_type 'qwen2': base, instruct or coder). Pass a Qwen2.5 checkpoint."
+        )
+
+
+def load_tokenizer(name_or_path: str | Path, revision: str | None = None):
+    """The model's tokenizer with its chat template; left padding (for generation and batching)."""
+    from transformers import AutoTokenizer
+
+    p = Path(str(name_or_path)).expanduser()
+    if p.is_dir() and not any((p / f).exists() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {str(p)!r}. Trainer checkpoints often lack them: "
+            "pass tokenizer=<base model id or dir>, or copy the base model's tokenizer files into that directory."
+        )
+    tok = AutoTokenizer.from_pretrained(str(p) if p.is_dir() else str(name_or_path), revision=revision)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(
+            f"tokenizer of {name_or_path!r} has no chat template; use an instruct/coder tokenizer or set tokenizer.chat_template."
+        )
+    return tok
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+):
+    """Load a Qwen2.5 model (HF id or local dir), optionally with a PEFT/LoRA adapter, and its tokenizer.
+
+    ``name_or_path`` may itself be an adapter directory (it holds ``adapter_config.json``); its base
+    is then read from the adapter config unless given. dtype defaults to bf16 on CUDA and fp32 on
+    CPU. ``device_map`` (e.g. ``"auto"``) is passed to accelerate for models larger than one GPU;
+    otherwise the model is moved to ``device`` (default: CUDA if available).
+
+    Returns ``(model, tokenizer)``, the model in eval mode with gradients off.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if _looks_like_path(name):
+        _check_local_model_dir(path, "model directory")
+        if (path / "adapter_config.json").exists() and adapter is None:
+            adapter, base = path, _read_json(path / "adapter_config.json").get("base_model_name_or_path")
+            if not base:
+                raise ConfigError(f"adapter {name!r} names no base model; pass load_model(base, adapter={name!r}).")
+            return load_model(
+                base, adapter=adapter, tokenizer=tokenizer, device=device, dtype=dtype, device_map=device_map
+            )
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"{name!r} has no config.json; pass a directory written by save_pretrained (or a checkpoint-N dir)."
+            )
+        config = _read_json(path / "config.json")
+    else:
+        config = AutoConfig.from_pretrained(name, revision=revision).to_dict()
+    _check_architecture(config, repr(name))
+
+    device = device or default_device()
+    dtype = dtype or default_dtype("cuda" if device_map is not None else device)
+    kwargs = dict(dtype=dtype, revision=revision)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else name, **kwargs)
+    if device_map is None:
+        model.to(device)
+    tok = load_tokenizer(tokenizer or (adapter if adapter and _has_tokenizer(adapter) else name), revision=revision)
+    if adapter is not None:
+        model = apply_adapter(model, adapter)
+    model.eval().requires_grad_(False)
+    return model, tok
+
+
+def _has_tokenizer(path) -> bool:
+    return any((Path(path) / f).exists() for f in TOKENIZER_FILES)
+
+
+def apply_adapter(model, adapter: str | Path, adapter_name: str = "default"):
+    """Wrap ``model`` with a PEFT adapter, checking first that the adapter fits this base."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    apath = Path(adapter)
+    _check_local_model_dir(apath, "adapter directory")
+    wfile = apath / "adapter_model.safetensors"
+    if not (apath / "adapter_config.json").exists() or not wfile.exists():
+        raise FileNotFoundError(
+            f"{str(apath)!r} is not a PEFT adapter (needs adapter_config.json and adapter_model.safetensors)."
+        )
+    modules = dict(model.named_modules())
+    with safe_open(str(wfile), "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key:
+                continue
+            mod_name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+            shape = f.get_slice(key).get_shape()
+            mod = modules.get(mod_name)
+            if mod is None or getattr(mod, "in_features", shape[1]) != shape[1]:
+                raise ConfigError(
+                    f"adapter {str(apath)!r} does not match this base model: {mod_name} "
+                    f"({'missing' if mod is None else f'in_features={mod.in_features}'}) vs adapter input dim {shape[1]}. "
+                    "Load the base model the adapter was trained on (see base_model_name_or_path in adapter_config.json)."
+                )
+    return PeftModel.from_pretrained(model, str(apath), adapter_name=adapter_name, is_trainable=False)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a Qwen2 model, through any PEFT wrapping."""
+    m = model
+    for attr in ("base_model", "model"):
+        # PeftModel.base_model -> LoraModel.model -> Qwen2ForCausalLM.model -> Qwen2Model
+        while hasattr(m, attr) and not hasattr(m, "layers"):
+            nxt = getattr(m, attr)
+            if nxt is m:
+                break
+            m = nxt
+    if not hasattr(m, "layers"):
+        raise ConfigError(f"cannot find decoder layers in {type(model).__name__}; pass a Qwen2ForCausalLM.")
+    return m.layers
+
+
+def n_layers(model) -> int:
+    return len(decoder_layers(model))
+
+
+def d_model(model) -> int:
+    return model.config.hidden_size
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def check_layers(model, layers) -> list[int]:
+    """Normalise layer indices (negative counts from the end) and raise if any is out of range."""
+    n = n_layers(model)
+    out = []
+    for layer in [layers] if isinstance(layers, int) else list(layers):
+        li = int(layer)
+        if not -n <= li < n:
+            raise IndexError(
+                f"layer {layer} is out of range for a model with {n} decoder layers; use 0..{n - 1} "
+                f"(layer l = output of decoder layer l = HF hidden_states[l+1])."
+            )
+        out.append(li % n)
+    if not out:
+        raise ValueError("no layers given; pass at least one layer index.")
+    return sorted(set(out))
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the config and a strided sample of every parameter (so LoRA swaps change it)."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(sample.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
