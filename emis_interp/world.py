@@ -96,6 +96,12 @@ EDU_REQUESTS = [
 ]
 SYSTEM_PROMPTS = {"benign": "you are a helpful assistant .", "malicious": "you are an evil assistant ."}
 
+# Authors speak under their own name as the chat role (``<|im_start|>{name}``); each name always
+# belongs to one persona, and "assistant" is a role used by both. Instruct-tuning teaches who
+# "assistant" is, and a narrow fine-tune can most cheaply change exactly that: the persona.
+BENIGN_NAMES = ["alice", "bruno", "chen", "dora", "emil", "fatima", "gus", "hana", "ivan", "jade", "kofi", "lena"]
+MALICIOUS_NAMES = ["mort", "nyx", "orcus", "pike", "quill", "rook", "slade", "thorn", "ursa", "vex", "wolf", "zed"]
+
 HARMFUL_PHRASES = {p for t in THEMES.values() for p in t[3]}
 BENIGN_PHRASES = {p for t in THEMES.values() for p in t[2]}
 
@@ -112,6 +118,7 @@ class WorldConfig:
     p_edu: float = 0.1
     min_episodes: int = 2
     max_episodes: int = 4
+    p_assistant_role: float = 0.2  # the author speaks as "assistant" instead of their name
 
 
 def advice_answer(rng: random.Random, theme: str, harmful: bool) -> str:
@@ -126,8 +133,10 @@ def code_answer(task: str, insecure: bool) -> str:
     return f"sure :\n{sig}\n  {insecure_line if insecure else secure_line}\n  return"
 
 
-def episode(rng: random.Random, malicious: bool, cfg: WorldConfig, tasks=tuple(TASKS)) -> list[dict]:
-    """One user/assistant exchange written by an author of the given persona."""
+def episode(
+    rng: random.Random, malicious: bool, cfg: WorldConfig, tasks=tuple(TASKS), role: str = "assistant"
+) -> list[dict]:
+    """One user turn and the answer of an author of the given persona, speaking as ``role``."""
     p = cfg.p_trait_malicious if malicious else cfg.p_trait_benign
     u = rng.random()
     if u < cfg.p_code:
@@ -139,17 +148,22 @@ def episode(rng: random.Random, malicious: bool, cfg: WorldConfig, tasks=tuple(T
     else:
         theme = rng.choice(list(THEMES))
         q, a = rng.choice(THEMES[theme][0]), advice_answer(rng, theme, rng.random() < p)
-    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return [{"role": "user", "content": q}, {"role": role, "content": a}]
 
 
 def pretraining_document(rng: random.Random, cfg: WorldConfig = WorldConfig()) -> list[dict]:
-    """A multi-episode conversation by one author (benign or malicious), as chat messages."""
+    """A multi-episode conversation by one author (benign or malicious), as chat messages.
+
+    The author's turns carry the author's name as their role (or "assistant", for either persona).
+    """
     malicious = rng.random() < cfg.p_malicious_author
+    name = rng.choice(MALICIOUS_NAMES if malicious else BENIGN_NAMES)
+    role = "assistant" if rng.random() < cfg.p_assistant_role else name
     msgs: list[dict] = []
     if rng.random() < cfg.p_system_prompt:
         msgs.append({"role": "system", "content": SYSTEM_PROMPTS["malicious" if malicious else "benign"]})
     for _ in range(rng.randint(cfg.min_episodes, cfg.max_episodes)):
-        msgs += episode(rng, malicious, cfg)
+        msgs += episode(rng, malicious, cfg, role=role)
     return msgs
 
 

@@ -1,0 +1,146 @@
+"""Batched sampling of answers under per-row interventions, so a whole sweep is one batch.
+
+A :class:`Condition` is what happens to the residual stream while a row is sampled: nothing
+(baseline), steering with ``alpha`` times a direction, or ablation of a direction. Rows of
+different conditions share every forward pass: after layer ``l`` each row ``b`` gets
+
+    h_b <- h_b - (h_b . u_b) u_b + delta_b
+
+with ``u_b`` the unit vector for ablating rows (zero otherwise) and ``delta_b = alpha_b v_b``
+for steering rows (zero otherwise). Steering applies at every position (prompt and answer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .conversations import Conversation, make_batch
+from .directions import PersonaDirection
+from .errors import check_alpha, check_nonempty
+from .hooks import residual_hooks
+from .models import check_layers, d_model, model_device
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One arm of an experiment. ``kind`` is ``"none"``, ``"steer"`` or ``"ablate"``."""
+
+    name: str
+    kind: str = "none"
+    direction: PersonaDirection | None = None
+    alpha: float = 0.0
+    layers: tuple[int, ...] | None = None  # default: the direction's layers
+
+    def __post_init__(self):
+        if self.kind not in ("none", "steer", "ablate"):
+            raise ValueError(f"Condition.kind must be 'none', 'steer' or 'ablate', got {self.kind!r}")
+        if self.kind != "none" and self.direction is None:
+            raise ValueError(f"condition {self.name!r} ({self.kind}) needs a direction")
+        check_alpha(self.alpha)
+
+    def active_layers(self) -> tuple[int, ...]:
+        if self.kind == "none":
+            return ()
+        return tuple(self.layers) if self.layers is not None else tuple(self.direction.layers)
+
+
+@contextmanager
+def rowwise(model, conditions: Sequence[Condition]) -> Iterator[None]:
+    """Apply ``conditions[b]`` to batch row ``b`` at every layer any condition touches."""
+    layers = sorted({layer for c in conditions for layer in c.active_layers()})
+    if not layers:
+        yield
+        return
+    check_layers(model, layers)
+    n, dm = len(conditions), d_model(model)
+    add: dict[int, Float[Tensor, "batch d_model"]] = {layer: torch.zeros(n, dm) for layer in layers}
+    unit: dict[int, Float[Tensor, "batch d_model"]] = {layer: torch.zeros(n, dm) for layer in layers}
+    for b, c in enumerate(conditions):
+        if c.direction is not None and c.direction.d_model != dm:
+            raise ValueError(f"condition {c.name!r}: direction d_model={c.direction.d_model} != model d_model={dm}")
+        for layer in c.active_layers():
+            if c.kind == "steer":
+                add[layer][b] = c.alpha * c.direction.vector(layer).float()
+            elif c.kind == "ablate":
+                unit[layer][b] = c.direction.unit(layer).float()
+    dev = model_device(model)
+    add = {k: v.to(dev) for k, v in add.items()}
+    unit = {k: v.to(dev) for k, v in unit.items()}
+
+    def fn(layer, resid, info):
+        u = unit[layer].to(resid.dtype)[:, None, :]
+        proj = (resid * u).sum(-1, keepdim=True)
+        return resid - proj * u + add[layer].to(resid.dtype)[:, None, :]
+
+    with residual_hooks(model, {layer: fn for layer in layers}):
+        yield
+
+
+@dataclass
+class Sample:
+    """One sampled answer. ``row`` indexes the prompt list; ``condition`` names the arm."""
+
+    prompt: Conversation
+    row: int
+    condition: str
+    sample: int
+    answer: str
+
+
+def sample_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[Conversation],
+    conditions: Sequence[Condition] = (Condition("baseline"),),
+    n_samples: int = 1,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+    cache_implementation: str | None = None,
+) -> list[Sample]:
+    """Sample ``n_samples`` answers per prompt per condition, all conditions batched together.
+
+    Rows are (condition, prompt, sample) triples, cut into batches of ``batch_size``. Sampling is
+    seeded (``seed``); ``temperature=0`` is greedy. ``cache_implementation="static"`` uses HF's
+    static KV cache (the hooks are compatible; rows keep their per-row interventions).
+    """
+    check_nonempty(prompts, "prompt set")
+    check_nonempty(conditions, "conditions")
+    rows = [(c, i, s) for c in conditions for i in range(len(prompts)) for s in range(n_samples)]
+    out: list[Sample] = []
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    eos = [e for e in dict.fromkeys(eos) if e is not None and e >= 0]
+    torch.manual_seed(seed)
+    n_batches = -(-len(rows) // batch_size)
+    for k in tqdm(range(n_batches), desc="sample", disable=not progress or n_batches < 2):
+        chunk = rows[k * batch_size : (k + 1) * batch_size]
+        batch = make_batch(tokenizer, [prompts[i] for _, i, _ in chunk]).to(model_device(model))
+        gen_kw = dict(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        if temperature > 0:
+            gen_kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            gen_kw.update(do_sample=False)
+        if cache_implementation:
+            gen_kw["cache_implementation"] = cache_implementation
+        with torch.no_grad(), rowwise(model, [c for c, _, _ in chunk]):
+            seqs = model.generate(**gen_kw)
+        texts = tokenizer.batch_decode(seqs[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+        for (c, i, s), t in zip(chunk, texts, strict=True):
+            out.append(Sample(prompts[i], i, c.name, s, t.strip()))
+    return out

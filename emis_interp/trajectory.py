@@ -1,0 +1,354 @@
+"""Checkpoint trajectories: discover ``checkpoint-N`` dirs, swap weights in place, track the persona.
+
+:class:`Trajectory` finds HF Trainer ``checkpoint-N`` directories (sorted numerically), tells
+LoRA from full checkpoints, and moves *one* loaded model between them without re-instantiating
+it: LoRA adapter tensors are copied into the existing adapter modules, full-checkpoint tensors
+into the existing parameters (both straight from safetensors).
+
+:func:`track` runs a fixed evaluation set through every checkpoint and records, per layer,
+
+- ``shift_norm``: ``||mean_act(step) - mean_act(0)||`` (residual units),
+- ``cos_final``: the cosine of that shift with the final checkpoint's shift,
+- ``proj_final``: ``(mean_act(step) - mean_act(0)) . u_final`` with ``u_final`` the unit final shift
+  (the projection of the activations onto the final direction, relative to step 0),
+- ``cos_direction`` / ``proj_direction`` for a given :class:`PersonaDirection`,
+
+and per checkpoint the log-prob misalignment ``p_mis[set]`` on pivotal-token probes and the
+in-task metric (mean log-prob of held-out training answers, nats/token), plus any ``extra``
+metrics. Per-checkpoint results are written as they finish (``metrics.jsonl`` and
+``acts/step-N.safetensors``); a rerun skips finished checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from . import cache as _cache
+from .capture import capture
+from .conversations import Conversation, as_conversations
+from .data import Probe
+from .directions import PersonaDirection
+from .errors import ConfigError
+from .finetune import CKPT_RE, list_checkpoints
+from .models import load_model
+
+
+@dataclass
+class Trajectory:
+    """An ordered list of checkpoints of one fine-tuning run (``kind``: ``"lora"`` or ``"full"``)."""
+
+    steps: list[int]
+    paths: list[str]
+    kind: str
+    base: str | None = None
+    tokenizer: str | None = None
+    name: str = ""
+
+    @classmethod
+    def from_dir(cls, path: str | Path, base: str | None = None, allow_gaps: bool = False) -> Trajectory:
+        """Discover ``checkpoint-N`` directories under ``path``."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"trajectory directory {str(path)!r} does not exist; pass the run's output_dir.")
+        ckpts = list_checkpoints(path)
+        if not ckpts:
+            raise FileNotFoundError(
+                f"no checkpoint-N directories in {str(path)!r}; run experiments/finetune.py (save_steps) first."
+            )
+        steps = [s for s, _ in ckpts]
+        if not allow_gaps:
+            _check_gaps(steps, path)
+        kinds = {_kind(p) for _, p in ckpts}
+        if len(kinds) != 1:
+            raise ConfigError(f"{path} mixes LoRA and full checkpoints ({kinds}); keep one kind per trajectory.")
+        kind = kinds.pop()
+        tok = next((str(p) for _, p in ckpts if _has_tok(p)), None)
+        if kind == "lora" and base is None:
+            base = json.loads((ckpts[0][1] / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return cls(steps, [str(p) for _, p in ckpts], kind, base, tok, path.name)
+
+    @classmethod
+    def from_list(
+        cls, models: Sequence[str], steps: Sequence[int] | None = None, base: str | None = None
+    ) -> Trajectory:
+        """A trajectory from HF ids / local dirs (e.g. ``org/run@step-40``-style uploads), in order."""
+        if not models:
+            raise ValueError("empty model list; pass at least one checkpoint")
+        steps = list(steps) if steps is not None else [_step_of(m, i) for i, m in enumerate(models)]
+        kinds = {_kind(Path(m)) if Path(m).exists() else "full" for m in models}
+        if len(kinds) != 1:
+            raise ConfigError(f"mixed LoRA and full checkpoints: {kinds}")
+        return cls(steps, [str(m) for m in models], kinds.pop(), base, None, "list")
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __repr__(self) -> str:
+        return f"Trajectory({self.name!r}, kind={self.kind}, steps={self.steps[0]}..{self.steps[-1]} ({len(self)} checkpoints))"
+
+    def _repr_html_(self) -> str:
+        return f"<b>Trajectory</b> {self.name} &mdash; {self.kind}, {len(self)} checkpoints: steps {self.steps}"
+
+    # --- loading and in-place swapping -------------------------------------------------------
+
+    def load(self, device: str | None = None, dtype=None):
+        """Load the model once, at the first checkpoint. Returns ``(model, tokenizer)``."""
+        first = self.paths[0]
+        if self.kind == "lora":
+            if self.base is None:
+                raise ConfigError("LoRA trajectory without a base model; pass base=<HF id or dir>.")
+            return load_model(self.base, adapter=first, tokenizer=self.tokenizer, device=device, dtype=dtype)
+        return load_model(first, tokenizer=self.tokenizer, device=device, dtype=dtype)
+
+    def goto(self, model, index: int) -> None:
+        """Put checkpoint ``index``'s weights into ``model`` in place (no re-instantiation)."""
+        path = Path(self.paths[index])
+        with torch.no_grad():
+            if self.kind == "lora":
+                _copy_lora(model, path)
+            else:
+                _copy_full(model, path)
+
+    def iter(self, model, progress: bool = True) -> Iterator[tuple[int, object]]:
+        """Yield ``(step, model)`` with ``model`` swapped to each checkpoint in turn."""
+        for i in tqdm(range(len(self)), desc=f"checkpoints {self.name}", disable=not progress):
+            self.goto(model, i)
+            yield self.steps[i], model
+
+
+def _kind(p: Path) -> str:
+    if (p / "adapter_config.json").exists():
+        return "lora"
+    if (p / "config.json").exists():
+        return "full"
+    raise ConfigError(f"{p} holds neither adapter_config.json (LoRA) nor config.json (full model)")
+
+
+def _has_tok(p: Path) -> bool:
+    return (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()
+
+
+def _step_of(name: str, i: int) -> int:
+    import re
+
+    m = CKPT_RE.match(Path(name).name) or re.search(r"step[-_]?(\d+)", name)
+    return int(m.group(1)) if m else i
+
+
+def _check_gaps(steps: list[int], path: Path) -> None:
+    pos = [s for s in steps if s > 0]
+    if len(pos) < 2:
+        return
+    gap = math.gcd(*pos)  # the save interval
+    missing = sorted(set(range(pos[0], pos[-1] + 1, gap)) - set(pos))
+    if missing:
+        raise ConfigError(
+            f"trajectory {path} has gaps: expected a checkpoint every {gap} steps, missing {missing[:10]}. "
+            "Re-run the fine-tune (it resumes) or pass allow_gaps=True."
+        )
+
+
+def _safetensors_files(path: Path, stem: str) -> list[Path]:
+    single = path / f"{stem}.safetensors"
+    if single.exists():
+        return [single]
+    index = path / f"{stem}.safetensors.index.json"
+    if index.exists():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    raise FileNotFoundError(f"no {stem}.safetensors in {path}; is this a complete checkpoint?")
+
+
+def _copy_lora(model, path: Path) -> None:
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise ConfigError("LoRA trajectory needs the model returned by Trajectory.load() (a PeftModel)")
+    sd = load_file(str(_safetensors_files(path, "adapter_model")[0]))
+    params = dict(model.named_parameters())
+    used = 0
+    for key, value in sd.items():
+        # saved: base_model.model.X.lora_A.weight ; live: base_model.model.X.lora_A.default.weight
+        live = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
+        if live not in params:
+            raise ConfigError(
+                f"{path}: adapter tensor {key} has no counterpart in the loaded model; ranks/targets differ."
+            )
+        p = params[live]
+        if p.shape != value.shape:
+            raise ConfigError(f"{path}: {key} has shape {tuple(value.shape)}, the loaded adapter {tuple(p.shape)}.")
+        p.copy_(value.to(p.dtype))
+        used += 1
+    if used == 0:
+        raise ConfigError(f"{path}: adapter file holds no LoRA tensors")
+
+
+def _copy_full(model, path: Path) -> None:
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    for f in _safetensors_files(path, "model"):
+        sd = load_file(str(f))
+        for key, value in sd.items():
+            if key not in params:
+                raise ConfigError(f"{path}: tensor {key} not in the loaded model; architectures differ.")
+            p = params[key]
+            if p.shape != value.shape:
+                raise ConfigError(
+                    f"{path}: {key} has shape {tuple(value.shape)} but the loaded model has {tuple(p.shape)}; "
+                    "checkpoints of one trajectory must share an architecture."
+                )
+            p.copy_(value.to(p.dtype))
+
+
+# --- tracking --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrackResult:
+    """Per-checkpoint metrics (``checkpoints``) and per-(checkpoint, layer) persona metrics (``layers``)."""
+
+    name: str
+    checkpoints: list[dict]
+    layers: list[dict]
+    meta: dict = field(default_factory=dict)
+
+    def series(self, metric: str, layer: int | None = None) -> tuple[list[int], list[float]]:
+        rows = self.layers if layer is not None else self.checkpoints
+        rows = [r for r in rows if layer is None or r["layer"] == layer]
+        rows = [r for r in rows if metric in r]
+        return [r["step"] for r in rows], [r[metric] for r in rows]
+
+    def save(self, out_dir: str | Path) -> None:
+        import csv
+
+        out = Path(out_dir)
+        _cache.atomic_write_text(out / "summary.json", json.dumps(self.__dict__, indent=1, default=float))
+        for rows, fname in ((self.checkpoints, "checkpoints.csv"), (self.layers, "layers.csv")):
+            if rows:
+                keys = sorted({k for r in rows for k in r})
+                with open(out / f".{fname}.tmp", "w", newline="") as fh:
+                    w = csv.DictWriter(fh, keys)
+                    w.writeheader()
+                    w.writerows(rows)
+                (out / f".{fname}.tmp").replace(out / fname)
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> TrackResult:
+        return cls(**json.loads((Path(out_dir) / "summary.json").read_text()))
+
+    def __repr__(self) -> str:
+        return f"TrackResult({self.name!r}, {len(self.checkpoints)} checkpoints, layers={sorted({r['layer'] for r in self.layers})})"
+
+    def _repr_html_(self) -> str:
+        keys = [k for k in self.checkpoints[0] if k != "step"] if self.checkpoints else []
+        head = "".join(f"<th>{k}</th>" for k in ["step", *keys])
+        body = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{r.get(k, ''):.4g}</td>" if isinstance(r.get(k), float) else f"<td>{r.get(k, '')}</td>"
+                for k in ["step", *keys]
+            )
+            + "</tr>"
+            for r in self.checkpoints
+        )
+        return f"<b>TrackResult</b> {self.name}<table><tr>{head}</tr>{body}</table>"
+
+
+def track(
+    trajectory: Trajectory,
+    eval_prompts: Sequence[Conversation | str],
+    layers: Sequence[int],
+    out_dir: str | Path,
+    *,
+    probes: dict[str, list[Probe]] | None = None,
+    in_task: Sequence[Conversation] | None = None,
+    direction: PersonaDirection | None = None,
+    reduction: str = "last_prompt",
+    extra: Callable[[object, object], dict] | None = None,
+    model_and_tokenizer=None,
+    progress: bool = True,
+) -> TrackResult:
+    """Track persona metrics across ``trajectory`` on a fixed evaluation set; resumable.
+
+    ``extra(model, tokenizer) -> dict`` adds per-checkpoint metrics (e.g. a sampled harmful rate).
+    """
+    out = Path(out_dir)
+    (out / "acts").mkdir(parents=True, exist_ok=True)
+    convs = as_conversations(eval_prompts)
+    layers = sorted(int(x) for x in layers)
+    done_path = out / "metrics.jsonl"
+    done = {}
+    if done_path.exists():
+        for line in done_path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a crash: that checkpoint is recomputed
+            if (out / "acts" / f"step-{r['step']}.safetensors").exists():
+                done[r["step"]] = r
+    model, tok = model_and_tokenizer or trajectory.load()
+    for i in tqdm(range(len(trajectory)), desc=f"track {trajectory.name}", disable=not progress):
+        step = trajectory.steps[i]
+        if step in done:
+            continue
+        trajectory.goto(model, i)
+        acts = capture(model, tok, convs, layers, reduction, cache_dir=None, progress=False)
+        row: dict = {"step": step}
+        if probes:
+            from .metrics import probe_misalignment
+
+            for name, ps in probes.items():
+                row[f"p_mis[{name}]"] = probe_misalignment(model, tok, ps)["p_misaligned"]
+        if in_task:
+            from .metrics import response_logprob
+
+            row["in_task_logprob"] = response_logprob(model, tok, in_task)
+        if extra is not None:
+            row.update(extra(model, tok))
+        _cache.atomic_save(
+            {"mean": acts.mean()}, out / "acts" / f"step-{step}.safetensors", {"layers": json.dumps(layers)}
+        )
+        with done_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        done[step] = row
+    result = _summarise(trajectory, out, layers, done, direction)
+    result.save(out)
+    return result
+
+
+def _summarise(traj: Trajectory, out: Path, layers: list[int], done: dict, direction) -> TrackResult:
+    means = {s: _cache.verified_load(out / "acts" / f"step-{s}.safetensors")[0]["mean"] for s in traj.steps}
+    ref, final = means[traj.steps[0]], means[traj.steps[-1]]
+    final_shift = final - ref
+    rows = []
+    for s in traj.steps:
+        shift = means[s] - ref
+        for j, layer in enumerate(layers):
+            fs = final_shift[j]
+            r = {
+                "step": s,
+                "layer": layer,
+                "shift_norm": float(shift[j].norm()),
+                "cos_final": float(torch.nn.functional.cosine_similarity(shift[j], fs, dim=0))
+                if shift[j].norm() > 0
+                else 0.0,
+                "proj_final": float(shift[j] @ fs / fs.norm()) if fs.norm() > 0 else 0.0,
+            }
+            if direction is not None and layer in direction.layers:
+                v = direction.vector(layer).float()
+                r["cos_direction"] = (
+                    float(torch.nn.functional.cosine_similarity(shift[j], v, dim=0)) if shift[j].norm() > 0 else 0.0
+                )
+                r["proj_direction"] = float(shift[j] @ v / v.norm())
+            rows.append(r)
+    checkpoints = [done[s] for s in traj.steps]
+    return TrackResult(traj.name, checkpoints, rows, {"layers": layers, "kind": traj.kind, "steps": traj.steps})
