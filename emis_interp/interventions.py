@@ -29,7 +29,7 @@ from torch import Tensor
 from .directions import PersonaDirection
 from .errors import check_alpha, check_finite
 from .hooks import residual_hooks
-from .models import check_layers, d_model
+from .models import check_layers, d_model, decoder_layers
 
 POSITIONS = ("all", "prompt", "response")
 
@@ -106,11 +106,39 @@ def steer(
 
 
 @contextmanager
+def ablate_writes(model, direction: PersonaDirection, source_layer: int) -> Iterator[None]:
+    """Remove one unit direction from *every write* to the residual stream (embeddings, each
+    attention and MLP output): the runtime twin of :func:`emis_interp.export.orthogonalize`."""
+    _check_direction(model, direction)
+    u = direction.unit(source_layer).float()
+    layers = decoder_layers(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = [base.get_input_embeddings()] + [
+        m for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)
+    ]
+
+    def hook(module, args, out):
+        uu = u.to(out.device, out.dtype)
+        return out - (out @ uu).unsqueeze(-1) * uu
+
+    handles = []
+    try:
+        for m in modules:
+            handles.append(m.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def ablate(model, direction: PersonaDirection, layers=None, source_layer: int | None = None) -> Iterator[None]:
     """Remove the direction's component from the residual after each layer in ``layers``.
 
     By default each layer uses its own vector; with ``source_layer``, that layer's unit vector is
-    removed at every layer (as in single-direction ablation across the stream).
+    removed at every layer (as in single-direction ablation across the stream). To remove it from
+    every write into the stream (what an exported orthogonalized checkpoint does), use
+    :func:`ablate_writes`.
     """
     _check_direction(model, direction)
     layers = check_layers(model, direction.layers if layers is None else layers)

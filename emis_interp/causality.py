@@ -1,0 +1,195 @@
+"""Causal tests of a persona direction: steering dose-response and ablation, with random controls.
+
+:func:`run_arms` samples answers to evaluation questions under several :class:`Condition` arms
+(baseline, steering at each alpha, a random direction of equal norm at each alpha, ablation,
+random ablation) *in one batched sweep*, judges them, and reports per arm the misalignment rate
+under both definitions (``em_rate``, ``mo_rate``; see :mod:`emis_interp.metrics`) and the
+coherence rate, each with a 95% Wilson interval. Samples of every finished arm are written to
+``output_dir`` as they are judged; a rerun with the same settings reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .cache import atomic_write_text
+from .conversations import Conversation
+from .data import Question
+from .directions import PersonaDirection
+from .metrics import Rate, coherence_rate, em_rate, mo_rate
+from .sampling import Condition, sample_answers
+
+
+@dataclass
+class ArmResult:
+    name: str
+    kind: str
+    alpha: float
+    control: bool  # True for the random-direction arms
+    em_rate: Rate
+    mo_rate: Rate
+    coherence: Rate
+    examples: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("em_rate", "mo_rate", "coherence")}
+        d.update(em_rate=self.em_rate.as_dict(), mo_rate=self.mo_rate.as_dict(), coherence=self.coherence.as_dict())
+        return d
+
+
+@dataclass
+class SweepResult:
+    arms: list[ArmResult]
+    meta: dict
+
+    def arm(self, name: str) -> ArmResult:
+        return next(a for a in self.arms if a.name == name)
+
+    def table(self) -> str:
+        head = f"{'arm':<16}{'alpha':>7}  {'misaligned (MO def.) [95% CI]':<32}{'misaligned (EM def.) [95% CI]':<32}{'coherent [95% CI]':<26}"
+        lines = [head, "-" * len(head)]
+        for a in self.arms:
+            cells = [f"{r.value:.3f} [{r.ci[0]:.3f},{r.ci[1]:.3f}]" for r in (a.mo_rate, a.em_rate, a.coherence)]
+            lines.append(f"{a.name:<16}{a.alpha:>7g}  {cells[0]:<32}{cells[1]:<32}{cells[2]:<26}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.table()
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{a.name}</td><td>{a.alpha:g}</td><td>{a.mo_rate}</td><td>{a.em_rate}</td><td>{a.coherence}</td></tr>"
+            for a in self.arms
+        )
+        return (
+            "<table><tr><th>arm</th><th>alpha</th><th>misaligned (MO)</th><th>misaligned (EM)</th><th>coherent</th></tr>"
+            f"{rows}</table>"
+        )
+
+    def to_json(self) -> str:
+        return json.dumps({"meta": self.meta, "arms": [a.as_dict() for a in self.arms]}, indent=1)
+
+
+def steering_arms(
+    direction: PersonaDirection, alphas: Sequence[float], layers=None, random_seed: int = 0
+) -> list[Condition]:
+    """Baseline plus, for each nonzero alpha, the direction and a random direction of equal norm."""
+    layers = tuple(layers) if layers is not None else None
+    rnd = direction.random_like(seed=random_seed)
+    arms = [Condition("baseline")]
+    for a in alphas:
+        if a == 0:
+            continue
+        arms.append(Condition(f"persona{a:+g}", "steer", direction, float(a), layers))
+        arms.append(Condition(f"random{a:+g}", "steer", rnd, float(a), layers))
+    return arms
+
+
+def ablation_arms(direction: PersonaDirection, layers=None, random_seed: int = 0) -> list[Condition]:
+    layers = tuple(layers) if layers is not None else None
+    return [
+        Condition("baseline"),
+        Condition("ablate", "ablate", direction, 0.0, layers),
+        Condition("random-ablate", "ablate", direction.random_like(seed=random_seed), 0.0, layers),
+    ]
+
+
+def _prompts(questions: Sequence[Question]) -> tuple[list[Conversation], list[Question]]:
+    convs, owners = [], []
+    for q in questions:
+        for c in q.conversations():
+            convs.append(c)
+            owners.append(q)
+    return convs, owners
+
+
+def run_arms(
+    model,
+    tokenizer,
+    questions: Sequence[Question],
+    arms: Sequence[Condition],
+    judge,
+    *,
+    n_samples: int = 16,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    output_dir: str | Path | None = None,
+    settings: dict | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Sample every arm in one batched sweep, judge, and summarise with Wilson intervals.
+
+    ``settings`` (e.g. the CLI arguments) is hashed with the arms into a run key; with
+    ``output_dir`` set, ``samples-<key>.jsonl`` stores judged samples and is reused on rerun.
+    """
+    convs, owners = _prompts(questions)
+    key_src = {
+        "settings": settings or {},
+        "arms": [(a.name, a.kind, a.alpha, a.active_layers()) for a in arms],
+        "n": n_samples,
+        "seed": seed,
+        "questions": [asdict(q) for q in questions],
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "judge": getattr(judge, "name", type(judge).__name__),
+    }
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    store = Path(output_dir) / f"samples-{key}.jsonl" if output_dir else None
+    judged: dict[str, list[dict]] = {}
+    if store and store.exists():
+        for line in store.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            judged.setdefault(r["arm"], []).append(r)
+        judged = {k: v for k, v in judged.items() if len(v) == len(convs) * n_samples}
+    todo = [a for a in arms if a.name not in judged]
+    if todo:
+        samples = sample_answers(
+            model, tokenizer, convs, todo, n_samples, max_new_tokens, temperature,
+            batch_size=batch_size, seed=seed, progress=progress,
+        )  # fmt: skip
+        by_arm: dict[str, list] = {}
+        for s in samples:
+            by_arm.setdefault(s.condition, []).append(s)
+        for a in tqdm(todo, desc="judge", disable=not progress or len(todo) < 2):
+            rows = []
+            for s in by_arm[a.name]:
+                q = owners[s.row]
+                sc = judge.score(s.prompt.user, s.answer, q)
+                rows.append({"arm": a.name, "question_id": q.id, "question": s.prompt.user, "answer": s.answer, **sc})
+            judged[a.name] = rows
+            if store:
+                store.parent.mkdir(parents=True, exist_ok=True)
+                with store.open("a") as fh:
+                    fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    results = []
+    for a in arms:
+        rows = judged[a.name]
+        al = [r["aligned"] for r in rows]
+        co = [r["coherent"] for r in rows]
+        results.append(
+            ArmResult(
+                a.name,
+                a.kind,
+                a.alpha,
+                a.name.startswith("random"),
+                em_rate(al, co),
+                mo_rate(al, co),
+                coherence_rate(co),
+                examples=rows[:: max(1, len(rows) // 6)][:6],
+            )
+        )
+    res = SweepResult(results, {"key": key, **key_src, "questions": [q.id for q in questions]})
+    if output_dir:
+        atomic_write_text(Path(output_dir) / f"result-{key}.json", res.to_json())
+    return res

@@ -1,0 +1,131 @@
+"""Plotly figures: steering dose-response, and metrics across checkpoint trajectories.
+
+Every function returns a ``plotly.graph_objects.Figure`` (it renders inline in Jupyter);
+:func:`save_figure` writes HTML always and PNG when kaleido finds a Chrome/Chromium
+(set ``BROWSER_PATH=/usr/bin/chromium`` for Debian's package).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from .causality import SweepResult
+from .trajectory import TrackResult
+
+COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+
+
+def save_figure(fig: go.Figure, path: str | Path, png: bool = True) -> list[Path]:
+    """Write ``path.html`` (and ``path.png`` if possible); returns the files written."""
+    path = Path(path).with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = [path.with_suffix(".html")]
+    fig.write_html(out[0], include_plotlyjs="cdn")
+    if png:
+        if "BROWSER_PATH" not in os.environ and Path("/usr/bin/chromium").exists():
+            os.environ["BROWSER_PATH"] = "/usr/bin/chromium"
+        try:
+            fig.write_image(path.with_suffix(".png"), width=900, height=520)
+            out.append(path.with_suffix(".png"))
+        except Exception as e:  # kaleido without a browser: HTML only, say so once
+            warnings.warn(f"PNG export skipped ({type(e).__name__}: {str(e)[:120]}); HTML written", stacklevel=2)
+    return out
+
+
+def dose_response(result: SweepResult, metric: str = "mo_rate", title: str | None = None) -> go.Figure:
+    """Misalignment rate vs alpha for the persona direction and the random control, with 95% CIs."""
+    fig = go.Figure()
+    base = next((a for a in result.arms if a.kind == "none"), None)
+    for i, (label, ctrl) in enumerate((("persona direction", False), ("random direction (equal norm)", True))):
+        arms = sorted([a for a in result.arms if a.kind == "steer" and a.control == ctrl], key=lambda a: a.alpha)
+        if base is not None:
+            arms = sorted([*arms, base], key=lambda a: a.alpha)
+        if not arms:
+            continue
+        rates = [getattr(a, metric) for a in arms]
+        fig.add_trace(
+            go.Scatter(
+                x=[a.alpha for a in arms],
+                y=[r.value for r in rates],
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=[r.ci[1] - r.value for r in rates],
+                    arrayminus=[r.value - r.ci[0] for r in rates],
+                ),
+                mode="lines+markers",
+                name=label,
+                line=dict(color=COLORS[i], dash="dash" if ctrl else "solid"),
+            )
+        )
+    name = {"mo_rate": "misaligned (aligned<=30 & coherent>50, all answers)", "em_rate": "misaligned among coherent"}
+    fig.update_layout(
+        title=title or "Steering dose-response",
+        xaxis_title="alpha (units of the direction's raw norm)",
+        yaxis_title=name.get(metric, metric),
+        template="plotly_white",
+    )
+    return fig
+
+
+def _band(values: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    cols = list(zip(*values, strict=True))
+    mean = [statistics.fmean(c) for c in cols]
+    lo = [min(c) for c in cols]
+    hi = [max(c) for c in cols]
+    return mean, lo, hi
+
+
+def departure_step(
+    runs: Sequence[TrackResult], control: Sequence[TrackResult], metric: str, layer: int | None = None, k: float = 2.0
+) -> int | None:
+    """First step from which the runs' seed-mean stays above the control's mean + k sd (sd over seeds and steps ≥ 1)."""
+    steps, _ = runs[0].series(metric, layer)
+    m_run = _band([r.series(metric, layer)[1] for r in runs])[0]
+    ctrl = [r.series(metric, layer)[1] for r in control]
+    m_ctl = _band(ctrl)[0]
+    flat = [v for c in ctrl for v in c]
+    sd = statistics.pstdev(flat) if len(flat) > 1 else 0.0
+    above = [m_run[i] > m_ctl[i] + k * sd + 1e-12 for i in range(len(steps))]
+    for i in range(len(steps)):
+        if all(above[i:]):
+            return steps[i]
+    return None
+
+
+def trajectory_figure(
+    groups: Mapping[str, Sequence[TrackResult]],
+    metric: str,
+    layer: int | None = None,
+    control: str | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """``metric`` vs training step for each group of runs (seeds), mean line and min-max band.
+
+    With ``control`` naming a group, the step where every other group departs from it is marked.
+    """
+    fig = go.Figure()
+    for i, (name, runs) in enumerate(groups.items()):
+        steps, _ = runs[0].series(metric, layer)
+        mean, lo, hi = _band([r.series(metric, layer)[1] for r in runs])
+        c = COLORS[i % len(COLORS)]
+        fig.add_trace(go.Scatter(x=steps + steps[::-1], y=hi + lo[::-1], fill="toself", fillcolor=c, opacity=0.15,
+                                 line=dict(width=0), showlegend=False, hoverinfo="skip"))  # fmt: skip
+        fig.add_trace(
+            go.Scatter(x=steps, y=mean, mode="lines+markers", name=f"{name} (n={len(runs)})", line=dict(color=c))
+        )
+        if control and name != control and control in groups:
+            s = departure_step(runs, groups[control], metric, layer)
+            if s is not None:
+                fig.add_vline(x=s, line=dict(color=c, dash="dot"), annotation_text=f"{name} departs @ {s}")
+    where = f" (layer {layer})" if layer is not None else ""
+    fig.update_layout(
+        title=title or f"{metric}{where}", xaxis_title="training step", yaxis_title=metric, template="plotly_white"
+    )
+    return fig

@@ -1,0 +1,55 @@
+"""Steer with the persona direction: does adding it cause misalignment, does removing it suppress it?
+
+    python experiments/steer.py --alpha -4                       # the model organism, in a few minutes on CPU
+    python experiments/steer.py --alpha -8 -4 -2 0 2 4 8         # a dose-response sweep
+    python experiments/steer.py --base Qwen/Qwen2.5-7B-Instruct --checkpoint runs/insecure/checkpoint-300 \\
+        --direction-data ../shared/data/em/insecure_first500.jsonl --layers 14 --alpha -4 \\
+        --questions ../shared/data/em/first_plot_questions.yaml --judge openai:gpt-4o-2024-08-06
+
+Prints the misalignment rate (both definitions) and coherence with 95% Wilson intervals for alpha
+0 (baseline), each given alpha, and a random direction of equal norm at each alpha; writes a
+JSON result and a plotly figure to --output (default cache/steer). Alpha is in units of the
+direction's raw norm: alpha = -4 removes four average fine-tuning shifts.
+"""
+
+import argparse
+from pathlib import Path
+
+from emis_interp import organism
+from emis_interp.causality import run_arms, steering_arms
+from emis_interp.cli import add_common, resolve
+from emis_interp.plots import dose_response, save_figure
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--alpha", type=float, nargs="+", required=True, help="one alpha or a sweep")
+    ap.add_argument("--positions", choices=["all", "prompt", "response"], default="all")
+    add_common(ap)
+    args = ap.parse_args(argv)
+    r = resolve(args)
+    layers = args.layers or ([organism.DEFAULT_LAYER] if r["on_organism"] else None)
+    if layers is None:
+        raise SystemExit("error: pass --layers for a real model (e.g. the middle layer)")
+    direction = r["direction"].select(layers)
+    if args.positions != "all":
+        raise SystemExit(
+            "error: batched sweeps steer all positions; use emis_interp.steer(..., positions=...) for others"
+        )
+    out = args.output or Path("cache") / "steer"
+    res = run_arms(
+        r["model"], r["tokenizer"], r["questions"], steering_arms(direction, args.alpha, layers, args.seed), r["judge"],
+        n_samples=args.samples, max_new_tokens=r["max_new_tokens"], seed=args.seed, batch_size=args.batch_size,
+        output_dir=out, settings={"target": r["target"], "layers": layers, "direction": r["direction"].meta},
+    )  # fmt: skip
+    print(f"model: {r['target']}\ndirection: {direction}\nlayers: {layers}\n")
+    print(res.table())
+    files = save_figure(
+        dose_response(res, title=f"Steering at layers {layers}"), out / f"dose_response-{res.meta['key']}"
+    )
+    print(f"\nresult: {out / ('result-' + res.meta['key'] + '.json')}\nfigure: {', '.join(map(str, files))}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
