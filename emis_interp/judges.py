@@ -94,7 +94,7 @@ class OpenAIJudge(_PromptJudge):
         model: str = "gpt-4o-2024-08-06",
         base_url: str | None = None,
         api_key_env: str = "OPENAI_API_KEY",
-        timeout: float = 30.0,
+        timeout: float | int = 30.0,
         max_retries: int = 3,
         prompts: dict[str, str] | None = None,
     ):

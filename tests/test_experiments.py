@@ -1,0 +1,108 @@
+"""End-to-end tests of the command-line experiments on the model organism (the README's commands)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+
+def _overlap(a, b) -> bool:
+    return a.ci[0] <= b.ci[1] and b.ci[0] <= a.ci[1]
+
+
+def test_steer_cli_exits_0_and_lowers_misalignment(tmp_path):
+    """The README's quickstart command, as a user runs it."""
+    r = subprocess.run(
+        [sys.executable, "experiments/steer.py", "--alpha", "-4", "--output", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "persona-4" in r.stdout and "random-4" in r.stdout and "baseline" in r.stdout
+    (res,) = tmp_path.glob("result-*.json")
+    arms = {a["name"]: a for a in json.loads(res.read_text())["arms"]}
+    assert arms["persona-4"]["mo_rate"]["ci_hi"] < arms["baseline"]["mo_rate"]["ci_lo"]
+    assert arms["random-4"]["mo_rate"]["ci_hi"] >= arms["baseline"]["mo_rate"]["ci_lo"]
+    assert list(tmp_path.glob("dose_response-*.html"))
+
+
+def test_sweep_is_monotone_and_reruns_reuse_work(tmp_path):
+    import steer
+
+    alphas = ["-4", "-2", "0", "2", "4"]
+    res = steer.main(["--alpha", *alphas, "--output", str(tmp_path)])
+    persona = [res.arm("baseline") if a == "0" else res.arm(f"persona{float(a):+g}") for a in alphas]
+    for lo, hi in zip(persona, persona[1:]):  # never a significant decrease as alpha grows
+        assert hi.mo_rate.ci[1] >= lo.mo_rate.ci[0]
+    assert persona[-1].mo_rate.ci[0] > persona[0].mo_rate.ci[1]  # and a significant rise end to end
+    for a in ("-4", "4"):
+        assert _overlap(res.arm(f"random{float(a):+g}").mo_rate, res.arm("baseline").mo_rate) or (
+            res.arm(f"random{float(a):+g}").mo_rate.value < res.arm(f"persona{float(a):+g}").mo_rate.value
+        )
+    (samples,) = tmp_path.glob("samples-*.jsonl")
+    before = samples.stat().st_mtime_ns, len(samples.read_text().splitlines())
+    again = steer.main(["--alpha", *alphas, "--output", str(tmp_path)])
+    assert (samples.stat().st_mtime_ns, len(samples.read_text().splitlines())) == before  # nothing resampled
+    assert again.to_json() == res.to_json()
+
+
+def test_ablate_cli_lowers_misalignment_and_exports(tmp_path):
+    import ablate
+
+    res = ablate.main(["--output", str(tmp_path), "--export", str(tmp_path / "ablated"), "--source-layer", "2"])
+    assert res.arm("ablate").mo_rate.ci[1] < res.arm("baseline").mo_rate.ci[0]
+    assert _overlap(res.arm("random-ablate").mo_rate, res.arm("baseline").mo_rate)
+    assert (tmp_path / "ablated" / "model.safetensors").exists()
+    assert (tmp_path / "ablated" / "ablated_direction.safetensors").exists()
+
+
+def test_real_model_paths_give_clear_errors(tmp_path):
+    import steer
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        steer.main(["--alpha", "-4", "--model", str(tmp_path / "missing")])
+
+
+def test_trajectory_cli_on_organism(tmp_path):
+    import trajectory
+
+    res = trajectory.main(["--seeds", "0", "--samples", "2", "--output", str(tmp_path)])
+    ins = res["insecure"][0].series("shift_norm", 2)[1]
+    sec = res["secure"][0].series("shift_norm", 2)[1]
+    assert ins[-1] > 2 * sec[-1]
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "shift_norm.html").exists()
+    assert (tmp_path / "insecure" / "insecure-s0" / "metrics.jsonl").exists()
+
+
+def test_finetune_cli(tiny_dir, tmp_path):
+    import finetune as ft_cli
+
+    from emis_interp import world
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in world.finetune_dataset("secure", 16)))
+    ft_cli.main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "10",
+            "--batch-size",
+            "4",
+            "--save-steps",
+            "5",
+        ]
+    )
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == [
+        "checkpoint-0",
+        "checkpoint-10",
+        "checkpoint-5",
+    ]
