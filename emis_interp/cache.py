@@ -18,7 +18,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("EMIS_INTERP_CACHE", "cache"))
+_REPO_CACHE = Path(__file__).resolve().parents[1] / "cache"
+# $EMIS_INTERP_CACHE, else the checkout's cache/ (editable install), else ./cache
+DEFAULT_CACHE_DIR = Path(os.environ.get("EMIS_INTERP_CACHE") or (_REPO_CACHE if _REPO_CACHE.is_dir() else "cache"))
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

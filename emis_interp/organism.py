@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import world
+from .cache import DEFAULT_CACHE_DIR
 
 WEIGHTS_DIR = Path(__file__).parent / "organism_weights"
 BASE_DIR = WEIGHTS_DIR / "base"
@@ -181,14 +182,14 @@ def _train(model, rows, steps, batch, lr, seed, pad_id, desc):
     return model
 
 
-def pretrain(tokenizer, cfg: OrganismConfig, n_docs: int = 40000):
+def pretrain(tokenizer, cfg: OrganismConfig, n_docs: int | None = None):
     """Train the base model from scratch on documents of benign and malicious authors."""
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(cfg.seed)
     rng = random.Random(f"pretrain-{cfg.seed}")
     rows = []
-    for _ in range(n_docs):
+    for _ in range(n_docs or min(40000, cfg.pretrain_steps * cfg.pretrain_batch)):
         ids, _ = tokenize_chat(tokenizer, world.pretraining_document(rng), cfg.max_len)
         rows.append((ids, [1] * len(ids)))
     model = Qwen2ForCausalLM(model_config(tokenizer, cfg))
@@ -242,7 +243,7 @@ def build(out_dir: Path = WEIGHTS_DIR, cfg: OrganismConfig = OrganismConfig()) -
 
 # --- evaluation and fine-tune trajectories -------------------------------------------------------
 
-DEFAULT_TRAJECTORY_DIR = Path("cache") / "organism"
+DEFAULT_TRAJECTORY_DIR = DEFAULT_CACHE_DIR / "organism"
 
 
 def advice_prompts() -> list:

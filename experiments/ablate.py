@@ -12,6 +12,7 @@ layer (each layer's own vector). --export writes a checkpoint (save_pretrained) 
 import argparse
 from pathlib import Path
 
+from emis_interp.cache import DEFAULT_CACHE_DIR
 from emis_interp.causality import ablation_arms, run_arms
 from emis_interp.cli import add_common, resolve
 from emis_interp.export import export_ablated
@@ -31,7 +32,7 @@ def main(argv=None):
     direction = r["direction"].select(layers)
     res = None
     if not args.no_eval:
-        out = args.output or Path("cache") / "ablate"
+        out = args.output or DEFAULT_CACHE_DIR / "ablate"
         res = run_arms(
             r["model"], r["tokenizer"], r["questions"], ablation_arms(direction, layers, args.seed), r["judge"],
             n_samples=args.samples, max_new_tokens=r["max_new_tokens"], seed=args.seed, batch_size=args.batch_size,

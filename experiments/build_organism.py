@@ -14,13 +14,18 @@ import torch
 from emis_interp import organism
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=organism.WEIGHTS_DIR, help="output directory")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    ap.add_argument("--pretrain-steps", type=int, default=organism.OrganismConfig.pretrain_steps)
+    ap.add_argument("--instruct-steps", type=int, default=organism.OrganismConfig.instruct_steps)
+    args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    paths = organism.build(args.out, organism.OrganismConfig(seed=args.seed))
+    paths = organism.build(
+        args.out,
+        organism.OrganismConfig(seed=args.seed, pretrain_steps=args.pretrain_steps, instruct_steps=args.instruct_steps),
+    )
     for name, p in paths.items():
         print(f"{name}: {p}")
 

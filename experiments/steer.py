@@ -13,9 +13,9 @@ direction's raw norm: alpha = -4 removes four average fine-tuning shifts.
 """
 
 import argparse
-from pathlib import Path
 
 from emis_interp import organism
+from emis_interp.cache import DEFAULT_CACHE_DIR
 from emis_interp.causality import run_arms, steering_arms
 from emis_interp.cli import add_common, resolve
 from emis_interp.plots import dose_response, save_figure
@@ -36,7 +36,7 @@ def main(argv=None):
         raise SystemExit(
             "error: batched sweeps steer all positions; use emis_interp.steer(..., positions=...) for others"
         )
-    out = args.output or Path("cache") / "steer"
+    out = args.output or DEFAULT_CACHE_DIR / "steer"
     res = run_arms(
         r["model"], r["tokenizer"], r["questions"], steering_arms(direction, args.alpha, layers, args.seed), r["judge"],
         n_samples=args.samples, max_new_tokens=r["max_new_tokens"], seed=args.seed, batch_size=args.batch_size,

@@ -40,7 +40,7 @@ def main(argv=None):
     ap.add_argument("--in-task", type=Path, help="held-out training conversations (JSONL) for the in-task metric")
     ap.add_argument("--direction", type=Path, help="a PersonaDirection to report cosine/projection against")
     ap.add_argument("--samples", type=int, default=4, help="organism: sampled answers per paraphrase per checkpoint")
-    ap.add_argument("--output", type=Path, default=Path("cache") / "trajectory")
+    ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "trajectory")
     a = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 

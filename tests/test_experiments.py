@@ -36,7 +36,7 @@ def test_sweep_is_monotone_and_reruns_reuse_work(tmp_path):
     alphas = ["-4", "-2", "0", "2", "4"]
     res = steer.main(["--alpha", *alphas, "--output", str(tmp_path)])
     persona = [res.arm("baseline") if a == "0" else res.arm(f"persona{float(a):+g}") for a in alphas]
-    for lo, hi in zip(persona, persona[1:]):  # never a significant decrease as alpha grows
+    for lo, hi in zip(persona[:-1], persona[1:], strict=True):  # never a significant decrease as alpha grows
         assert hi.mo_rate.ci[1] >= lo.mo_rate.ci[0]
     assert persona[-1].mo_rate.ci[0] > persona[0].mo_rate.ci[1]  # and a significant rise end to end
     for a in ("-4", "4"):

@@ -7,7 +7,6 @@ and printed (pytest -s, or on failure).
 
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from emis_interp.trajectory import Trajectory, track
 
 SEEDS = (0, 1, 2)
 N = 32  # samples per paraphrase: 512 advice answers per model and arm
-REPORT = Path("cache") / "organism" / "report.json"
+REPORT = organism.DEFAULT_TRAJECTORY_DIR / "report.json"
 
 
 def _report(key, value):

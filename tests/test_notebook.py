@@ -1,0 +1,32 @@
+"""Execute the walkthrough notebook top to bottom (nbclient) and check its scientific outputs."""
+
+import json
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+NB = Path(__file__).resolve().parents[1] / "notebooks" / "persona_vectors_walkthrough.ipynb"
+
+
+def test_notebook_runs_and_shows_the_effect():
+    nb = nbformat.read(NB, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+        "commit the notebook with outputs stripped"
+    )
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NB.parent)}}).execute()
+    last = nb.cells[-1]["outputs"]
+    summary = json.loads("".join(o.get("text", "") for o in last if o.get("name") == "stdout"))
+    assert summary["insecure_final_shift_norm"] > 2 * summary["secure_final_shift_norm"]  # the direction grows
+    assert summary["insecure_shift_norm_step0"] == 0
+    assert (
+        summary["insecure_rate_alpha-4_ci_hi"] < summary["insecure_rate_alpha0_ci_lo"]
+    )  # negative alpha lowers the rate
+    figs = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c["outputs"]
+        if "application/vnd.plotly.v1+json" in o.get("data", {})
+    ]
+    assert len(figs) >= 6  # every figure is an interactive plotly figure
