@@ -14,6 +14,7 @@ from torch import Tensor
 from .models import check_layers, decoder_layers
 
 ResidFn = Callable[[int, Tensor, dict], Tensor | None]
+_OURS: set[int] = set()  # ids of the hook handles emis_interp installed (HF installs its own, e.g. for hidden_states)
 
 
 def hook_name(layer: int) -> str:
@@ -60,10 +61,12 @@ def residual_hooks(model, fns: dict[int, ResidFn]) -> Iterator[None]:
             pre, post = make(layer % len(layers), fn)
             handles.append(layers[layer].register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(layers[layer].register_forward_hook(post))
+            _OURS.update(h.id for h in handles[-2:])
         yield
     finally:
         for h in handles:
             h.remove()
+            _OURS.discard(h.id)
 
 
 class StopForward(Exception):
@@ -71,11 +74,14 @@ class StopForward(Exception):
 
 
 def remove_all_hooks(model) -> None:
-    """Remove every forward hook on the decoder layers (a last resort after a crashed notebook cell)."""
+    """Remove every emis_interp hook on the decoder layers (a last resort after a crashed notebook cell)."""
     for layer in decoder_layers(model):
-        layer._forward_hooks.clear()
-        layer._forward_pre_hooks.clear()
+        for d in (layer._forward_hooks, layer._forward_pre_hooks):
+            for hid in [k for k in d if k in _OURS]:
+                del d[hid]
+                _OURS.discard(hid)
 
 
 def n_active_hooks(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in decoder_layers(model))
+    """How many emis_interp hooks are on the decoder layers (HF's own hooks are not counted)."""
+    return sum(k in _OURS for m in decoder_layers(model) for d in (m._forward_hooks, m._forward_pre_hooks) for k in d)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from emis_interp import organism, world
+from emis_interp.cache import DEFAULT_CACHE_DIR
 from emis_interp.conversations import Conversation, load_jsonl
 from emis_interp.data import load_probes, load_questions
 from emis_interp.directions import PersonaDirection
