@@ -1,0 +1,23 @@
+"""Smoke-run each benchmark script at a tiny shape (figures are not checked: speed claims live in benchmarks/README.md)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["benchmarks/bench_capture.py", "--shape", "tiny", "--batch", "2", "--seq", "16", "--repeat", "1"],
+        ["benchmarks/bench_swap.py", "--shape", "tiny", "--rank", "2"],
+        ["benchmarks/bench_sampling.py", "--samples", "1", "--max-new-tokens", "2", "--big-batch", "64"],
+    ],
+)
+def test_benchmark_runs(args):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "device:" in r.stdout
