@@ -24,6 +24,32 @@ from emis_interp import capture, load_model, load_tokenizer, organism  # noqa: E
 from emis_interp.trajectory import Trajectory  # noqa: E402
 
 
+def _bench(kind: str, tmp: Path, tok, dev: str, dtype) -> None:
+    traj = Trajectory.from_dir(tmp / kind)
+    m, _ = traj.load(device=dev, dtype=dtype)
+    i = [0]
+
+    def swap():
+        i[0] ^= 1
+        traj.goto(m, i[0])
+
+    def fresh():
+        if kind == "lora":
+            load_model(tmp / "base", adapter=traj.paths[1], device=dev, dtype=dtype)
+        else:
+            load_model(traj.paths[1], device=dev, dtype=dtype)
+
+    t_swap, t_fresh = timeit(swap, 5), timeit(fresh, 3)
+    print(
+        f"{kind:5} swap {t_swap * 1e3:8.1f} ms   fresh from_pretrained {t_fresh * 1e3:8.1f} ms   speed-up {t_fresh / t_swap:6.1f}x"
+    )
+    if kind == "lora":
+        prompts = organism.advice_prompts() * 4
+        n = m.config.num_hidden_layers
+        t_track = timeit(lambda: capture(m, tok, prompts, [n // 2, n - 1], cache_dir=None, progress=False), 3)
+        print(f"tracking pass (64 prompts, 2 layers) per checkpoint: {t_track:.2f} s (+ swap {t_swap * 1e3:.0f} ms)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="0.5B")
@@ -54,32 +80,7 @@ def main():
 
     print(f"device: {device_name()}  shape: Qwen2.5-{a.shape}, {dtype}, LoRA rank {a.rank} on all linear layers")
     for kind in ["lora"] + ([] if a.skip_full else ["full"]):
-        traj = Trajectory.from_dir(tmp / kind)
-        m, _ = traj.load(device=dev, dtype=dtype)
-        i = [0]
-
-        def swap():
-            i[0] ^= 1
-            traj.goto(m, i[0])
-
-        def fresh():
-            if kind == "lora":
-                load_model(tmp / "base", adapter=traj.paths[1], device=dev, dtype=dtype)
-            else:
-                load_model(traj.paths[1], device=dev, dtype=dtype)
-
-        t_swap, t_fresh = timeit(swap, 5), timeit(fresh, 3)
-        print(
-            f"{kind:5} swap {t_swap * 1e3:8.1f} ms   fresh from_pretrained {t_fresh * 1e3:8.1f} ms   speed-up {t_fresh / t_swap:6.1f}x"
-        )
-        if kind == "lora":
-            prompts = organism.advice_prompts() * 4
-            n = m.config.num_hidden_layers
-            t_track = timeit(lambda: capture(m, tok, prompts, [n // 2, n - 1], cache_dir=None, progress=False), 3)
-            print(
-                f"tracking pass (64 prompts, 2 layers) per checkpoint: {t_track:.2f} s (+ swap {t_swap * 1e3:.0f} ms)"
-            )
-        del m
+        _bench(kind, tmp, tok, dev, dtype)
     shutil.rmtree(tmp)
 
 
