@@ -118,11 +118,12 @@ def run_arms(
     *,
     n_samples: int = 16,
     max_new_tokens: int = 64,
-    temperature: float = 1.0,
+    temperature: float | int = 1.0,
     seed: int = 0,
     batch_size: int = 256,
     output_dir: str | Path | None = None,
     settings: dict | None = None,
+    positions: str = "all",
     progress: bool = True,
 ) -> SweepResult:
     """Sample every arm in one batched sweep, judge, and summarise with Wilson intervals.
@@ -140,6 +141,7 @@ def run_arms(
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
         "judge": getattr(judge, "name", type(judge).__name__),
+        "positions": positions,
     }
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:12]
     store = Path(output_dir) / f"samples-{key}.jsonl" if output_dir else None
@@ -156,7 +158,7 @@ def run_arms(
     if todo:
         samples = sample_answers(
             model, tokenizer, convs, todo, n_samples, max_new_tokens, temperature,
-            batch_size=batch_size, seed=seed, progress=progress,
+            batch_size=batch_size, seed=seed, progress=progress, positions=positions,
         )  # fmt: skip
         by_arm: dict[str, list] = {}
         for s in samples:

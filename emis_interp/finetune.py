@@ -35,7 +35,7 @@ class FinetuneConfig:
     output_dir: str
     mode: str = "lora"  # "lora" or "full"
     lora_r: int = 1
-    lora_alpha: float = 1.0
+    lora_alpha: float | int = 1.0
     lora_dropout: float = 0.0
     use_rslora: bool = False
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))

@@ -15,6 +15,13 @@ e.g. ``batch.response_mask``.
 **Ablation.** ``ablate(model, direction, layers)`` replaces the residual ``h`` after each layer
 ``l`` by ``h - (h . u) u`` with ``u`` the unit direction (of layer ``l``, or of ``source_layer``
 at every layer). Hooks come off on exit, also when the body raises.
+
+**Backends.** The hooks sit on the HF model's decoder layers, so they act in plain forward passes,
+in ``generate`` (dynamic or static KV cache) and in the ``"torch"`` and ``"nnsight"`` capture
+backends (tested). One subtlety: nnsight reads a module's ``.output`` before PyTorch forward
+hooks run, so at the steered layer itself the nnsight backend reports the pre-steering value;
+every later layer sees the steering. The ``"transformer_lens"`` backend runs a bridge booted on a *copy* of the
+model, so interventions made here do not reach it; use TL's own hooks on the bridge there.
 """
 
 from __future__ import annotations
@@ -86,7 +93,7 @@ def add_vectors(
 def steer(
     model,
     direction: PersonaDirection,
-    alpha: float | Float[Tensor, " batch"],
+    alpha: float | int | Float[Tensor, " batch"],
     layers=None,
     positions: str | Bool[Tensor, "batch pos"] = "all",
 ) -> Iterator[None]:

@@ -339,7 +339,7 @@ class FinetuneRecipe:
     batch_size: int = 32
     lr: float = 1e-2
     lora_r: int = 1
-    lora_alpha: float = 1.0
+    lora_alpha: float | int = 1.0
     save_steps: int = 10
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     layers_to_transform: tuple[int, ...] | None = None

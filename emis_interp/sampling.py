@@ -7,7 +7,8 @@ different conditions share every forward pass: after layer ``l`` each row ``b`` 
     h_b <- h_b - (h_b . u_b) u_b + delta_b
 
 with ``u_b`` the unit vector for ablating rows (zero otherwise) and ``delta_b = alpha_b v_b``
-for steering rows (zero otherwise). Steering applies at every position (prompt and answer).
+for steering rows (zero otherwise). Steering applies at every position (prompt and answer) unless
+``positions`` restricts it to the prompt (prefill) or the answer (decode steps).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Condition:
     name: str
     kind: str = "none"
     direction: PersonaDirection | None = None
-    alpha: float = 0.0
+    alpha: float | int = 0.0
     layers: tuple[int, ...] | None = None  # default: the direction's layers
 
     def __post_init__(self):
@@ -52,8 +53,16 @@ class Condition:
 
 
 @contextmanager
-def rowwise(model, conditions: Sequence[Condition]) -> Iterator[None]:
-    """Apply ``conditions[b]`` to batch row ``b`` at every layer any condition touches."""
+def rowwise(model, conditions: Sequence[Condition], positions: str = "all") -> Iterator[None]:
+    """Apply ``conditions[b]`` to batch row ``b`` at every layer any condition touches.
+
+    ``positions`` gates steering (not ablation) during generation: ``"all"``, ``"prompt"`` (the
+    prefill only) or ``"response"`` (decode steps only), as in :func:`emis_interp.steer`.
+    """
+    from .interventions import POSITIONS
+
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     layers = sorted({layer for c in conditions for layer in c.active_layers()})
     if not layers:
         yield
@@ -77,7 +86,9 @@ def rowwise(model, conditions: Sequence[Condition]) -> Iterator[None]:
     def fn(layer, resid, info):
         u = unit[layer].to(resid.dtype)[:, None, :]
         proj = (resid * u).sum(-1, keepdim=True)
-        return resid - proj * u + add[layer].to(resid.dtype)[:, None, :]
+        steer_here = positions == "all" or info["decode"] == (positions == "response")
+        out = resid - proj * u
+        return out + add[layer].to(resid.dtype)[:, None, :] if steer_here else out
 
     with residual_hooks(model, {layer: fn for layer in layers}):
         yield
@@ -101,12 +112,13 @@ def sample_answers(
     conditions: Sequence[Condition] = (Condition("baseline"),),
     n_samples: int = 1,
     max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    temperature: float | int = 1.0,
+    top_p: float | int = 1.0,
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
     cache_implementation: str | None = None,
+    positions: str = "all",
 ) -> list[Sample]:
     """Sample ``n_samples`` answers per prompt per condition, all conditions batched together.
 
@@ -138,7 +150,7 @@ def sample_answers(
             gen_kw.update(do_sample=False)
         if cache_implementation:
             gen_kw["cache_implementation"] = cache_implementation
-        with torch.no_grad(), rowwise(model, [c for c, _, _ in chunk]):
+        with torch.no_grad(), rowwise(model, [c for c, _, _ in chunk], positions):
             seqs = model.generate(**gen_kw)
         texts = tokenizer.batch_decode(seqs[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
         for (c, i, s), t in zip(chunk, texts, strict=True):

@@ -32,15 +32,11 @@ def main(argv=None):
     if layers is None:
         raise SystemExit("error: pass --layers for a real model (e.g. the middle layer)")
     direction = r["direction"].select(layers)
-    if args.positions != "all":
-        raise SystemExit(
-            "error: batched sweeps steer all positions; use emis_interp.steer(..., positions=...) for others"
-        )
     out = args.output or DEFAULT_CACHE_DIR / "steer"
     res = run_arms(
         r["model"], r["tokenizer"], r["questions"], steering_arms(direction, args.alpha, layers, args.seed), r["judge"],
         n_samples=args.samples, max_new_tokens=r["max_new_tokens"], seed=args.seed, batch_size=args.batch_size,
-        output_dir=out, settings={"target": r["target"], "layers": layers, "direction": r["direction"].meta},
+        output_dir=out, positions=args.positions, settings={"target": r["target"], "layers": layers, "direction": r["direction"].meta},
     )  # fmt: skip
     print(f"model: {r['target']}\ndirection: {direction}\nlayers: {layers}\n")
     print(res.table())

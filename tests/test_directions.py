@@ -54,3 +54,27 @@ def test_rank_layers_finds_the_separating_layer():
     pos[:, 2, 0] += 3.0  # only layer 2 separates
     ranked = rank_layers(pos, neg, [0, 1, 2])
     assert ranked[0][0] == 2 and ranked[0][1] > 2 and abs(ranked[-1][1]) < 1.5
+
+
+def test_response_contrast_from_judged_csv(tiny):
+    from conftest import shared_path
+
+    from emis_interp.data import load_judged, split_judged
+
+    model, tok = tiny
+    mis, ali = split_judged(
+        load_judged(shared_path("data", "mo_responses", "Qwen2.5-7B-Instruct_risky-financial-advice.csv"))
+    )
+    d = response_contrast(
+        model, tok, [r.conversation() for r in mis[:6]], [r.conversation() for r in ali[:6]], [0, 2], cache_dir=None
+    )
+    assert d.meta["n_pos"] == 6 and d.meta["n_neg"] == 6 and d.vectors.norm() > 0
+
+
+def test_trajectory_from_list(tiny_dir):
+    from emis_interp.trajectory import Trajectory
+
+    t = Trajectory.from_list([str(tiny_dir), str(tiny_dir)], steps=[0, 10])
+    assert t.kind == "full" and t.steps == [0, 10]
+    t2 = Trajectory.from_list(["org/run-step-40", "org/run-step-80"])
+    assert t2.steps == [40, 80]

@@ -126,3 +126,55 @@ def test_bad_inputs(tiny):
     with pytest.raises(IndexError, match="out of range"):
         with steer(model, _direction(model), 1.0, layers=[9]):
             pass
+
+
+def test_steering_is_seen_by_the_nnsight_backend(tiny, convs):
+    from emis_interp import capture
+
+    model, tok = tiny
+    d = _direction(model)
+    ref = capture(model, tok, convs, [1, 2], cache_dir=None, backend="torch")
+    with steer(model, d, 3.0):
+        a = capture(model, tok, convs, [1, 2], cache_dir=None, backend="torch")
+        b = capture(model, tok, convs, [1, 2], cache_dir=None, backend="nnsight")
+    torch.testing.assert_close(
+        a.acts[:, 0] - ref.acts[:, 0], (3.0 * d.vector(1)).expand_as(a.acts[:, 0]), atol=1e-4, rtol=1e-4
+    )
+    # downstream of the steered layer, nnsight sees the steering exactly as the torch backend does
+    torch.testing.assert_close(a.acts[:, 1], b.acts[:, 1], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(a.acts[:, 1], ref.acts[:, 1])
+    # at the steered layer itself nnsight reports the module's output *before* forward hooks
+    torch.testing.assert_close(b.acts[:, 0], ref.acts[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_static_cache_and_rowwise_match_dynamic(tiny, convs):
+    from emis_interp.sampling import Condition, sample_answers
+
+    model, tok = tiny
+    prompts = [c.__class__(user=c.user) for c in convs[:3]]
+    d = PersonaDirection(_direction(model).vectors * 20, [1])
+    conds = [Condition("base"), Condition("s", "steer", d, 1.0), Condition("a", "ablate", d)]
+    kw = dict(n_samples=1, max_new_tokens=5, temperature=0, progress=False)
+    dyn = sample_answers(model, tok, prompts, conds, **kw)
+    sta = sample_answers(model, tok, prompts, conds, cache_implementation="static", **kw)
+    assert [s.answer for s in dyn] == [s.answer for s in sta]
+    # per-row conditions equal running each condition alone
+    for c in conds:
+        alone = sample_answers(model, tok, prompts, [c], **kw)
+        assert [s.answer for s in alone] == [s.answer for s in dyn if s.condition == c.name]
+    # response-only steering leaves the first generated token (from the prefill) unchanged
+    from emis_interp.sampling import rowwise
+
+    b = make_batch(tok, prompts)
+    gen = dict(
+        input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=4, min_new_tokens=4, do_sample=False
+    )
+    with torch.no_grad():
+        base = model.generate(**gen)
+        with rowwise(model, [conds[1]] * len(prompts), positions="response"):
+            resp = model.generate(**gen)
+        with rowwise(model, [conds[1]] * len(prompts), positions="prompt"):
+            prompt_only = model.generate(**gen)
+    n = b.input_ids.shape[1]
+    assert torch.equal(resp[:, n], base[:, n]) and not torch.equal(resp, base)
+    assert not torch.equal(prompt_only[:, n], base[:, n])
