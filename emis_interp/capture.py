@@ -60,6 +60,16 @@ class Activations:
     def __repr__(self) -> str:
         return f"Activations(n={len(self)}, layers={self.layers}, reduction={self.reduction!r}, d_model={self.acts.shape[-1]})"
 
+    def _repr_html_(self) -> str:
+        norms = self.acts.norm(dim=-1).mean(0).tolist()
+        rows = "".join(
+            f"<tr><td>{layer}</td><td>{n:.4g}</td></tr>" for layer, n in zip(self.layers, norms, strict=True)
+        )
+        return (
+            f"<b>Activations</b> n={len(self)}, reduction={self.reduction}, cache hit={self.meta.get('cache_hit')}"
+            f"<table><tr><th>layer</th><th>mean norm</th></tr>{rows}</table>"
+        )
+
 
 def reduce(resid: Float[Tensor, "batch pos d_model"], batch: Batch, reduction: str) -> Float[Tensor, "batch d_model"]:
     """Reduce one layer's residual over positions, in fp32."""

@@ -78,3 +78,9 @@ def test_nan_activations_raise_and_leave_no_cache(tiny, convs, tmp_path):
     finally:
         h.remove()
     assert not any(tmp_path.rglob("*.safetensors")) and not any(tmp_path.rglob("*.tmp"))
+
+
+def test_reprs(tiny, convs):
+    model, tok = tiny
+    a = capture(model, tok, convs, [0, 1], cache_dir=None)
+    assert "Activations(n=5" in repr(a) and "<table>" in a._repr_html_()
