@@ -123,7 +123,8 @@ def load_model(
     _check_architecture(config, repr(name))
 
     device = device or default_device()
-    dtype = dtype or default_dtype("cuda" if device_map is not None else device)
+    on_gpu = device_map is not None and torch.cuda.is_available()
+    dtype = dtype or default_dtype("cuda" if on_gpu else device)
     kwargs = dict(dtype=dtype, revision=revision)
     if device_map is not None:
         kwargs["device_map"] = device_map

@@ -82,3 +82,12 @@ def test_layer_range(tiny):
     assert check_layers(model, [-1, 0]) == [0, 2]
     with pytest.raises(IndexError, match="out of range.*0..2"):
         check_layers(model, 3)
+
+
+def test_device_map_is_passed_to_accelerate(tiny_dir):
+    model, _ = load_model(tiny_dir, device_map="cpu")
+    assert getattr(model, "hf_device_map", None) == {"": "cpu"}
+    expected = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    assert next(model.parameters()).dtype == expected
+    model16, _ = load_model(tiny_dir, device_map="cpu", dtype=torch.bfloat16)
+    assert next(model16.parameters()).dtype == torch.bfloat16
