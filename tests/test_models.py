@@ -84,9 +84,19 @@ def test_layer_range(tiny):
         check_layers(model, 3)
 
 
-def test_device_map_is_passed_to_accelerate(tiny_dir):
+def test_device_map_is_passed_to_accelerate(tiny_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
     model, _ = load_model(tiny_dir, device_map="cpu")
-    assert getattr(model, "hf_device_map", None) == {"": "cpu"}
+    assert seen["device_map"] == "cpu"
     expected = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     assert next(model.parameters()).dtype == expected
     model16, _ = load_model(tiny_dir, device_map="cpu", dtype=torch.bfloat16)
