@@ -128,8 +128,9 @@ def run_arms(
 ) -> SweepResult:
     """Sample every arm in one batched sweep, judge, and summarise with Wilson intervals.
 
-    ``settings`` (e.g. the CLI arguments) is hashed with the arms into a run key; with
-    ``output_dir`` set, ``samples-<key>.jsonl`` stores judged samples and is reused on rerun.
+        ``settings`` (e.g. the CLI arguments) is hashed with the arms into a run key; with
+        ``output_dir`` set, sampled batches go to ``raw-<key>-*.jsonl`` as they finish (a crash loses at
+    most the batch in progress) and judged samples to ``samples-<key>.jsonl``; a rerun reuses both.
     """
     convs, owners = _prompts(questions)
     key_src = {
@@ -156,9 +157,11 @@ def run_arms(
         judged = {k: v for k, v in judged.items() if len(v) == len(convs) * n_samples}
     todo = [a for a in arms if a.name not in judged]
     if todo:
+        todo_key = hashlib.sha256(json.dumps([a.name for a in todo]).encode()).hexdigest()[:8]
+        raw = Path(output_dir) / f"raw-{key}-{todo_key}.jsonl" if output_dir else None
         samples = sample_answers(
             model, tokenizer, convs, todo, n_samples, max_new_tokens, temperature,
-            batch_size=batch_size, seed=seed, progress=progress, positions=positions,
+            batch_size=batch_size, seed=seed, progress=progress, positions=positions, resume_file=raw,
         )  # fmt: skip
         by_arm: dict[str, list] = {}
         for s in samples:
@@ -174,6 +177,8 @@ def run_arms(
                 store.parent.mkdir(parents=True, exist_ok=True)
                 with store.open("a") as fh:
                     fh.write("".join(json.dumps(r) + "\n" for r in rows))
+        if raw is not None:
+            raw.unlink(missing_ok=True)  # every arm is judged and stored in samples-<key>.jsonl now
     results = []
     for a in arms:
         rows = judged[a.name]

@@ -13,9 +13,11 @@ for steering rows (zero otherwise). Steering applies at every position (prompt a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
@@ -119,12 +121,17 @@ def sample_answers(
     progress: bool = True,
     cache_implementation: str | None = None,
     positions: str = "all",
+    resume_file: str | Path | None = None,
 ) -> list[Sample]:
     """Sample ``n_samples`` answers per prompt per condition, all conditions batched together.
 
     Rows are (condition, prompt, sample) triples, cut into batches of ``batch_size``. Sampling is
     seeded (``seed``); ``temperature=0`` is greedy. ``cache_implementation="static"`` uses HF's
     static KV cache (the hooks are compatible; rows keep their per-row interventions).
+
+    Each batch is seeded on its own (``seed``, batch index), so with ``resume_file`` set, finished
+    batches are appended there as they complete and a rerun after a crash samples only the rest,
+    with the same results as an uninterrupted run.
     """
     check_nonempty(prompts, "prompt set")
     check_nonempty(conditions, "conditions")
@@ -132,10 +139,21 @@ def sample_answers(
     out: list[Sample] = []
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
     eos = [e for e in dict.fromkeys(eos) if e is not None and e >= 0]
-    torch.manual_seed(seed)
     n_batches = -(-len(rows) // batch_size)
+    done: dict[int, list[str]] = {}
+    if resume_file is not None and Path(resume_file).exists():
+        for line in Path(resume_file).read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line: that batch is sampled again
+            done[rec["batch"]] = rec["answers"]
     for k in tqdm(range(n_batches), desc="sample", disable=not progress or n_batches < 2):
         chunk = rows[k * batch_size : (k + 1) * batch_size]
+        if k in done and len(done[k]) == len(chunk):
+            out += [Sample(prompts[i], i, c.name, s, t) for (c, i, s), t in zip(chunk, done[k], strict=True)]
+            continue
+        torch.manual_seed(seed * 1_000_003 + k)
         batch = make_batch(tokenizer, [prompts[i] for _, i, _ in chunk]).to(model_device(model))
         gen_kw = dict(
             input_ids=batch.input_ids,
@@ -153,6 +171,11 @@ def sample_answers(
         with torch.no_grad(), rowwise(model, [c for c, _, _ in chunk], positions):
             seqs = model.generate(**gen_kw)
         texts = tokenizer.batch_decode(seqs[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
         for (c, i, s), t in zip(chunk, texts, strict=True):
-            out.append(Sample(prompts[i], i, c.name, s, t.strip()))
+            out.append(Sample(prompts[i], i, c.name, s, t))
+        if resume_file is not None:
+            Path(resume_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(resume_file, "a") as fh:
+                fh.write(json.dumps({"batch": k, "answers": texts}) + "\n")
     return out

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -26,7 +27,9 @@ def test_steer_cli_exits_0_and_lowers_misalignment(tmp_path):
     (res,) = tmp_path.glob("result-*.json")
     arms = {a["name"]: a for a in json.loads(res.read_text())["arms"]}
     assert arms["persona-4"]["mo_rate"]["ci_hi"] < arms["baseline"]["mo_rate"]["ci_lo"]
-    assert arms["random-4"]["mo_rate"]["ci_hi"] >= arms["baseline"]["mo_rate"]["ci_lo"]
+    # the random control wrecks coherence, so judge it among coherent answers (EM definition): it does not lower it
+    assert arms["random-4"]["em_rate"]["ci_hi"] >= arms["baseline"]["em_rate"]["ci_lo"]
+    assert arms["persona-4"]["em_rate"]["ci_hi"] < arms["baseline"]["em_rate"]["ci_lo"]
     assert list(tmp_path.glob("dose_response-*.html"))
 
 
@@ -39,10 +42,8 @@ def test_sweep_is_monotone_and_reruns_reuse_work(tmp_path):
     for lo, hi in zip(persona[:-1], persona[1:], strict=True):  # never a significant decrease as alpha grows
         assert hi.mo_rate.ci[1] >= lo.mo_rate.ci[0]
     assert persona[-1].mo_rate.ci[0] > persona[0].mo_rate.ci[1]  # and a significant rise end to end
-    for a in ("-4", "4"):
-        assert _overlap(res.arm(f"random{float(a):+g}").mo_rate, res.arm("baseline").mo_rate) or (
-            res.arm(f"random{float(a):+g}").mo_rate.value < res.arm(f"persona{float(a):+g}").mo_rate.value
-        )
+    for a in ("-4", "4"):  # random controls, among coherent answers, stay within noise of the baseline
+        assert _overlap(res.arm(f"random{float(a):+g}").em_rate, res.arm("baseline").em_rate)
     (samples,) = tmp_path.glob("samples-*.jsonl")
     before = samples.stat().st_mtime_ns, len(samples.read_text().splitlines())
     again = steer.main(["--alpha", *alphas, "--output", str(tmp_path)])
@@ -106,3 +107,31 @@ def test_finetune_cli(tiny_dir, tmp_path):
         "checkpoint-10",
         "checkpoint-5",
     ]
+
+
+def test_sweep_resumes_after_crash_mid_sampling(tmp_path, monkeypatch):
+    from emis_interp import load_model, organism
+    from emis_interp.causality import run_arms, steering_arms
+    from emis_interp.directions import PersonaDirection
+
+    model, tok = load_model(organism.ALIGNED_DIR)
+    d = PersonaDirection(torch.randn(1, 128), [2])
+    args = (model, tok, organism.questions(), steering_arms(d, [2.0]), organism.ExactJudge())
+    kw = dict(n_samples=8, max_new_tokens=8, batch_size=128, progress=False)  # 3 arms x 128 rows = 3 batches
+    ref = run_arms(*args, **kw, output_dir=tmp_path / "ref")
+    real, calls = model.generate, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(model, "generate", flaky)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_arms(*args, **kw, output_dir=tmp_path / "crash")
+    assert len(list((tmp_path / "crash").glob("raw-*.jsonl"))[0].read_text().splitlines()) == 1
+    res = run_arms(*args, **kw, output_dir=tmp_path / "crash")
+    assert len(calls) == 2 + 2  # batch 0 was not sampled again
+    assert [a.as_dict() for a in res.arms] == [a.as_dict() for a in ref.arms]  # same as an uninterrupted run
+    assert not list((tmp_path / "crash").glob("raw-*.jsonl"))
