@@ -119,14 +119,11 @@ def tokenize_conversation(tokenizer, conv: Conversation) -> tuple[list[int], int
     return full, len(prompt), len(full) - len(prompt) - suffix
 
 
-def make_batch(tokenizer, convs: Sequence[Conversation], padding_side: str = "left") -> Batch:
-    """Tokenize, pad (left by default) and mask a list of conversations."""
-    check_nonempty(convs, "prompt set")
+def _pad(rows: Sequence[tuple[list[int], int, int]], pad: int, padding_side: str) -> Batch:
+    """Pad tokenized ``(ids, n_prompt, n_response)`` rows into a :class:`Batch`."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    rows = [tokenize_conversation(tokenizer, c) for c in convs]
     n = max(len(r[0]) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), n), pad, dtype=torch.long)
     att = torch.zeros((len(rows), n), dtype=torch.long)
     pm = torch.zeros((len(rows), n), dtype=torch.bool)
@@ -140,16 +137,29 @@ def make_batch(tokenizer, convs: Sequence[Conversation], padding_side: str = "le
     return Batch(ids, att, pm, rm)
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def make_batch(tokenizer, convs: Sequence[Conversation], padding_side: str = "left") -> Batch:
+    """Tokenize, pad (left by default) and mask a list of conversations."""
+    check_nonempty(convs, "prompt set")
+    return _pad([tokenize_conversation(tokenizer, c) for c in convs], _pad_id(tokenizer), padding_side)
+
+
 def iter_batches(
     tokenizer, convs: Sequence[Conversation], batch_size: int, padding_side: str = "left"
 ) -> Iterator[tuple[list[int], Batch]]:
-    """Batches of conversations sorted by length (less padding); yields ``(original indices, batch)``."""
+    """Batches of conversations sorted by length (less padding); yields ``(original indices, batch)``.
+
+    Each conversation is tokenized once.
+    """
     check_nonempty(convs, "prompt set")
-    lengths = [len(tokenize_conversation(tokenizer, c)[0]) for c in convs]
-    order = sorted(range(len(convs)), key=lambda i: -lengths[i])
+    rows = [tokenize_conversation(tokenizer, c) for c in convs]
+    order = sorted(range(len(convs)), key=lambda i: -len(rows[i][0]))
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        yield idx, make_batch(tokenizer, [convs[i] for i in idx], padding_side)
+        yield idx, _pad([rows[i] for i in idx], _pad_id(tokenizer), padding_side)
 
 
 def as_conversations(items: Iterable[Conversation | str | dict]) -> list[Conversation]:
