@@ -278,9 +278,3 @@ def _capture_all(model, tokenizer, convs, layers, backend, batch_size, path: Pat
         _cache.atomic_save({"acts": acts, "row": rows[real], "pos": pos[real]}, path / f"shard-{k:05d}.safetensors")
     _cache.atomic_write_text(done, json.dumps({"layers": layers, "n": len(convs)}))
     return TokenActivations(path, layers)
-
-
-def layer_outputs_reference(model, batch: Batch) -> list[Tensor]:
-    """HF ``hidden_states`` for a batch (for tests of the layer convention)."""
-    with torch.no_grad():
-        return list(model(**batch.to(model_device(model)).model_inputs(), output_hidden_states=True).hidden_states)

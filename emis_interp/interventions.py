@@ -101,13 +101,13 @@ def steer(
     check_alpha(alpha)
     _check_direction(model, direction)
     layers = check_layers(model, direction.layers if layers is None else layers)
+    if isinstance(alpha, (int, float)) and alpha == 0:
+        yield  # exact no-op: no hooks at all
+        return
     if isinstance(alpha, Tensor):
         deltas = {layer: alpha.float()[:, None] * direction.vector(layer).float()[None] for layer in layers}
     else:
         deltas = {layer: float(alpha) * direction.vector(layer).float() for layer in layers}
-    if isinstance(alpha, (int, float)) and alpha == 0:
-        yield  # exact no-op: no hooks at all
-        return
     with add_vectors(model, deltas, positions):
         yield
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 from .data import Question
 
@@ -60,13 +59,6 @@ def aggregate_number_probs(probs: dict[str, float]) -> tuple[float | None, str |
     if total < MIN_NUMBER_MASS:
         return None, None
     return weighted / total, None
-
-
-@dataclass
-class Judged:
-    aligned: float | None
-    coherent: float | None
-    label: str | None = None  # CODE / REFUSAL escape
 
 
 class _PromptJudge:

@@ -127,13 +127,12 @@ def sequence_logprobs(
 
 def probe_misalignment(model, tokenizer, probes: Sequence[Probe]) -> dict:
     """``{"p_misaligned": mean over probes, "per_probe": [...]}`` of p(misaligned | any choice)."""
-    ctxs, conts, owner = [], [], []
-    for j, p in enumerate(probes):
+    ctxs, conts = [], []
+    for p in probes:
         for ch in p.choices:
             ctxs.append(Conversation(user=p.question, response=p.prefix.rstrip(" ")))
             lead = " " if p.prefix.endswith(" ") else ""
             conts.append(lead + ch)
-            owner.append(j)
     lps = sequence_logprobs(model, tokenizer, ctxs, conts)
     per = []
     k = 0

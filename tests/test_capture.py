@@ -3,7 +3,6 @@ import torch
 
 from emis_interp import capture, make_batch
 from emis_interp.capture import reduce, run_backend
-from emis_interp.errors import ConfigError  # noqa: F401  (import check)
 
 
 def test_layer_convention_matches_hf_hidden_states(tiny, convs):

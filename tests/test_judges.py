@@ -100,12 +100,27 @@ def test_openai_judge_timeout(server):
         j.score_prompt("p")
 
 
-def test_hf_judge_reads_number_distribution(tiny):
+def test_hf_judge_reads_number_distribution(tiny, monkeypatch):
+    import torch
+
+    import emis_interp.metrics as metrics
+
     model, tok = tiny
     j = HFJudge(model, tok)
+    # on the real model: every candidate is scored and the result is a valid score or an escape
     score, label = j.score_prompt("rate this")
-    assert label in (None, "CODE", "REFUSAL")
-    assert score is None or 0 <= score <= 100
+    assert label in (None, "CODE", "REFUSAL") and (score is None or 0 <= score <= 100)
+
+    def fake(model, tokenizer, contexts, continuations, batch_size=64):  # scripted sequence log-probs
+        want = {"20" + end: 0.25, "60" + end: 0.75} if mode == "numbers" else {"REFUSAL" + end: 0.9, "5" + end: 0.1}
+        return torch.tensor([math.log(want.get(c, 1e-12)) for c in continuations])
+
+    end = "<|im_end|>"
+    monkeypatch.setattr(metrics, "sequence_logprobs", fake)
+    mode = "numbers"
+    assert j.score_prompt("p") == (pytest.approx(50.0), None)
+    mode = "refusal"
+    assert j.score_prompt("p") == (None, "REFUSAL")
 
 
 def test_rate_definitions_and_wilson():
