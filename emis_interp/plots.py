@@ -74,6 +74,47 @@ def dose_response(result: SweepResult, metric: str = "mo_rate", title: str | Non
     return fig
 
 
+def random_distribution(result: SweepResult, metric: str = "mo_rate", title: str | None = None) -> go.Figure:
+    """Each persona arm's effect against the distribution of its K random directions' effects.
+
+    One row per persona arm (alpha or ablation): the random directions' effects (rate minus baseline)
+    as dots, the persona arm's as a diamond with its paired cluster-bootstrap interval, and the
+    control fine-tune's direction (if run) as a square. The permutation p-value is in the row label.
+    """
+    fig = go.Figure()
+    for i, c in enumerate(result.controls(metric)):
+        if "random_directions" not in c:
+            continue
+        label = f"{c['arm']} (p = {c['p_value']:.3f})"
+        effects = [r["effect"] for r in c["random_directions"]]
+        fig.add_trace(go.Scatter(
+            x=effects, y=[label] * len(effects), mode="markers", name=f"random directions (K={len(effects)})",
+            marker={"color": "#7f7f7f", "size": 8, "opacity": 0.6}, showlegend=i == 0, legendgroup="random",
+        ))  # fmt: skip
+        e = c["effect"]
+        fig.add_trace(go.Scatter(
+            x=[e["value"]], y=[label], mode="markers", name="persona direction", showlegend=i == 0,
+            legendgroup="persona", marker={"color": COLORS[0], "size": 14, "symbol": "diamond"},
+            error_x={"type": "data", "symmetric": False, "array": [e["hi"] - e["value"]],
+                     "arrayminus": [e["value"] - e["lo"]]},
+        ))  # fmt: skip
+        if "control" in c:
+            fig.add_trace(go.Scatter(
+                x=[c["control"]["effect"]["value"]], y=[label], mode="markers", showlegend=i == 0,
+                name="control run's direction", legendgroup="control",
+                marker={"color": COLORS[1], "size": 11, "symbol": "square"},
+            ))  # fmt: skip
+    names = {"mo_rate": "misaligned answers (MO definition)", "em_rate": "misaligned among coherent (EM definition)"}
+    fig.add_vline(x=0, line_dash="dot", line_color="black")
+    fig.update_layout(
+        title=title or "Persona direction against random directions of equal norm",
+        xaxis_title=f"effect on {names.get(metric, metric)}: arm minus baseline",
+        yaxis_title="arm",
+        template="plotly_white",
+    )
+    return fig
+
+
 def _band(values: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
     cols = list(zip(*values, strict=True))
     mean = [statistics.fmean(c) for c in cols]

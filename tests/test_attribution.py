@@ -160,7 +160,7 @@ def _per_prompt(samples, arm):
     for s in samples:
         if s.condition == arm:
             k, n = out.get(s.row, (0, 0))
-            out[s.row] = (k + (world.judge_answer(s.answer) == "harmful"), n + 1)
+            out[s.row] = (k + (world.judge_answer(s.answer, s.prompt.user) == "harmful"), n + 1)
     return out
 
 

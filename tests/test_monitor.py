@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from emis_interp import capture, load_model, organism, world
+from emis_interp import capture, load_model, organism
 from emis_interp.directions import PersonaDirection
 from emis_interp.monitor import MonitorResult, auroc, auroc_interval, monitor_trajectory, token_projections
 
@@ -72,7 +72,7 @@ def test_last_prompt_projection_predicts_misalignment_along_trajectory():
         d = organism.persona_direction(aligned, model, tok, cache_dir=None, progress=False)
         r = monitor_trajectory(
             tr, model, tok, d, organism.DEFAULT_LAYER, organism.advice_prompts(),
-            lambda a: world.judge_answer(a) == "harmful", indices=[0, 2, 4, 10, 20], n_samples=16, run=f"s{seed}",
+            organism.ExactJudge(), indices=[0, 2, 4, 10, 20], n_samples=16, run=f"s{seed}",
         )  # fmt: skip
         print(f"[monitor] seed {seed}: {r.summary()}")
         results.append(r)

@@ -20,7 +20,8 @@ def test_notebook_runs_and_shows_the_effect():
     assert summary["insecure_final_shift_norm"] > 2 * summary["secure_final_shift_norm"]  # the direction grows
     assert (
         summary["insecure_rate_alpha-4_ci_hi"] < summary["insecure_rate_alpha0_ci_lo"]
-    )  # negative alpha lowers the rate
+    )  # negative alpha lowers the rate, beyond the cluster-bootstrap intervals
+    assert summary["random_k_alpha-4"] == 16 and summary["random_p_value_alpha-4"] <= 1 / 17 + 1e-9
     figs = [
         o
         for c in nb.cells
@@ -28,4 +29,4 @@ def test_notebook_runs_and_shows_the_effect():
         for o in c["outputs"]
         if "application/vnd.plotly.v1+json" in o.get("data", {})
     ]
-    assert len(figs) >= 6  # every figure is an interactive plotly figure
+    assert len(figs) >= 7  # every figure is an interactive plotly figure

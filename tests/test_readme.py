@@ -61,3 +61,12 @@ def test_build_organism_is_deterministic(tmp_path):
     assert (tmp_path / "0" / "base" / "tokenizer.json").read_text() == (
         tmp_path / "1" / "base" / "tokenizer.json"
     ).read_text()
+    # --aligned-only redoes the instruct stage from the base in --out, deterministically
+    again = []
+    for _ in range(2):
+        cmd = [sys.executable, "experiments/build_organism.py", "--out", str(tmp_path / "0"), "--aligned-only",
+               "--instruct-steps", "2"]  # fmt: skip
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        again.append(load_file(str(tmp_path / "0" / "aligned" / "model.safetensors")))
+    assert all((again[0][n] == again[1][n]).all() for n in again[0])

@@ -1,0 +1,39 @@
+"""Measure every organism number the README states, per seed, and regenerate the README's organism table.
+
+    python experiments/organism_report.py            # cache/organism/report.json (reused while its manifest matches)
+    python experiments/organism_report.py --readme   # and rewrite the README block between the organism-report markers
+    python experiments/organism_report.py --overwrite
+
+The report holds the base/aligned rates, each fine-tune's final rates with exact permutation tests,
+the harmful rate and in-task skill at every checkpoint of both recipes, direction growth, steering
+(layer and alpha selected on half of the questions, reported on the other half; K random directions,
+the secure run's direction, coherence-matched and cross-seed arms) and ablation, and timings.
+tests/test_organism.py asserts on the same report and checks the README against it.
+"""
+
+import argparse
+from pathlib import Path
+
+from emis_interp import organism
+from emis_interp.organism_report import REPORT_FILE, build_report, readme_table, update_readme
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=organism.DEFAULT_TRAJECTORY_DIR, help="the organism's cache dir")
+    ap.add_argument("--readme", action="store_true", help="rewrite the README's generated organism block")
+    ap.add_argument("--overwrite", action="store_true", help="recompute even when the report's manifest matches")
+    args = ap.parse_args(argv)
+    report = build_report(args.root, overwrite=args.overwrite)
+    print(readme_table(report))
+    print(f"\nreport: {args.root / REPORT_FILE}")
+    if args.readme:
+        update_readme(README, report)
+        print(f"updated: {README}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
