@@ -10,7 +10,7 @@ draw. Next to the persona arm, each alpha gets:
 - ``random``: K random directions (default 16), each with the persona direction's per-layer norm;
 - ``control``: the model-diff direction of a *control* fine-tune (e.g. the secure run), rescaled to
   the persona direction's per-layer norm: is it *this* fine-tuning shift, or any?
-- ``matched``: random directions at smaller alphas (``match`` multipliers, ``n_match`` draws each);
+- ``matched``: random directions at smaller and larger alphas (``match`` multipliers, ``n_match`` draws each);
   the multiplier whose mean coherence is closest to the persona arm's is the coherence-matched
   comparison (a random direction of equal norm can wreck the output rather than test specificity).
 
@@ -197,7 +197,8 @@ class SweepResult:
                 }
             matched = [a for a in self.arms if a.group == "matched" and _matched_parent(a.name) == f"{p.alpha:+g}"]
             if matched:
-                entry["matched"] = _coherence_matched(p, matched, effect, alt)
+                # the K random directions at the persona's own alpha are a candidate too (multiplier 1)
+                entry["matched"] = _coherence_matched(p, matched + rnd, effect, alt)
             out.append(entry)
         return out
 
@@ -336,7 +337,7 @@ def steering_arms(
     *,
     n_random: int = 16,
     control: PersonaDirection | None = None,
-    match: Sequence[float | int] = (0.25, 0.5, 0.75),
+    match: Sequence[float | int] = (0.5, 0.75, 1.25, 1.5, 2.0),
     n_match: int = 4,
 ) -> list[Condition]:
     """Baseline plus, for each nonzero alpha: the persona direction, ``n_random`` random directions of

@@ -56,7 +56,7 @@ def add_common(ap: argparse.ArgumentParser) -> None:
         "--match-multipliers",
         type=float,
         nargs="*",
-        default=[0.25, 0.5, 0.75],
+        default=[0.5, 0.75, 1.25, 1.5, 2.0],
         help="steering: random directions also at alpha x these, for the coherence-matched comparison (none: omit)",
     )
     c.add_argument("--n-match", type=int, default=4, help="random directions per matched multiplier")
@@ -158,13 +158,15 @@ def resolve(args) -> dict:
     }
 
 
-def organism_control_direction(tok, layers, kind: str = "secure", seed: int = 0) -> PersonaDirection:
+def organism_control_direction(
+    tok, layers, kind: str = "secure", seed: int = 0, root: Path = organism.DEFAULT_TRAJECTORY_DIR
+) -> PersonaDirection:
     """The organism's fine-tuning-shift control: the ``kind`` run's final model-diff (aligned -> fine-tuned)."""
     from .directions import model_diff
     from .finetune import list_checkpoints
     from .models import load_model
 
-    run = organism.organism_trajectory(kind, seed=seed)
+    run = organism.organism_trajectory(kind, seed=seed, root=root)
     ctl, _ = load_model(list_checkpoints(run)[-1][1])
     aligned, _ = load_model(organism.ALIGNED_DIR)
     d = model_diff(aligned, ctl, tok, organism.direction_conversations(), list(layers), "mean_response")

@@ -258,7 +258,8 @@ def build(
         d = out_dir / name
         m.to(torch.bfloat16).save_pretrained(d)
         tok.save_pretrained(d)
-        (d / "organism_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        meta = {**asdict(cfg), "aligned_only": aligned_only}  # aligned_only: made from the bf16 base in out_dir
+        (d / "organism_config.json").write_text(json.dumps(meta, indent=1))
         paths[name] = d
     return paths
 
@@ -297,6 +298,15 @@ class ExactJudge(Judge):
     """
 
     name = "organism-exact-v2"  # v2: coherence is the grammar (a judge change must not reuse old judged rows)
+
+    def identity(self) -> dict:
+        """The judge's name and the world's grammar and judging code: a change of either never reuses judged rows."""
+        import inspect
+
+        from .manifest import digest
+
+        src = [inspect.getsource(f) for f in (world.parse_advice, world.judge_answer, type(self).score)]
+        return {**super().identity(), "world": digest([world.THEMES, src])}
 
     def score(self, question: str, answer: str, q=None) -> dict[str, float | str | None]:
         label = world.judge_answer(answer, question)
@@ -401,7 +411,7 @@ def organism_trajectory(
     kind: str,
     seed: int = 0,
     root: Path | str = DEFAULT_TRAJECTORY_DIR,
-    recipe: FinetuneRecipe = FinetuneRecipe(),
+    recipe: FinetuneRecipe | None = None,
     base: Path | str = ALIGNED_DIR,
     progress: bool = False,
 ) -> Path:
@@ -418,6 +428,7 @@ def organism_trajectory(
     from .finetune import FinetuneConfig, finetune, list_checkpoints
     from .manifest import ManifestMismatch, cache_valid, write_manifest
 
+    recipe = RECIPES[DEFAULT_RECIPE] if recipe is None else recipe
     out = Path(root) / f"{kind}-s{seed}"
     manifest = organism_manifest(kind, seed, recipe, base)
     marker = out / ORGANISM_MANIFEST

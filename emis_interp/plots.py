@@ -95,8 +95,8 @@ def random_distribution(result: SweepResult, metric: str = "mo_rate", title: str
         fig.add_trace(go.Scatter(
             x=[e["value"]], y=[label], mode="markers", name="persona direction", showlegend=i == 0,
             legendgroup="persona", marker={"color": COLORS[0], "size": 14, "symbol": "diamond"},
-            error_x={"type": "data", "symmetric": False, "array": [e["hi"] - e["value"]],
-                     "arrayminus": [e["value"] - e["lo"]]},
+            error_x={"type": "data", "symmetric": False, "array": [e["ci_hi"] - e["value"]],
+                     "arrayminus": [e["value"] - e["ci_lo"]]},
         ))  # fmt: skip
         if "control" in c:
             fig.add_trace(go.Scatter(

@@ -117,6 +117,31 @@ def paired_bootstrap_diff(a: dict, b: dict, n_boot: int = 2000, seed: int = 0, l
     return Estimate(_ratio(list(a.values())) - _ratio(list(b.values())), lo, hi, "paired cluster bootstrap", len(ids))
 
 
+def unpaired_seeds_bootstrap_diff(a: dict, b: dict, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Estimate:
+    """``rate(a) - rate(b)`` for two groups of *independent runs* asked the same questions.
+
+    Ids are ``(seed, question)``. Seed ``s`` of ``a`` and seed ``s`` of ``b`` are different runs (e.g.
+    insecure-s0 and secure-s0), so each group's seeds are resampled on their own; the questions are
+    shared, so one draw of questions serves both groups.
+    """
+    if not all(isinstance(i, tuple) and len(i) == 2 for i in list(a) + list(b)):
+        raise ValueError("unpaired_seeds_bootstrap_diff needs (seed, question) ids in both groups")
+    questions = sorted({i[1] for i in a} | {i[1] for i in b}, key=repr)
+    sa, sb = sorted({i[0] for i in a}, key=repr), sorted({i[0] for i in b}, key=repr)
+    rng = random.Random(seed)
+    boots = []
+    for _ in range(n_boot):
+        q_draw = [questions[rng.randrange(len(questions))] for _ in questions]
+        da = [sa[rng.randrange(len(sa))] for _ in sa]
+        db = [sb[rng.randrange(len(sb))] for _ in sb]
+        ra = _ratio([a[(s, q)] for s in da for q in q_draw if (s, q) in a])
+        rb = _ratio([b[(s, q)] for s in db for q in q_draw if (s, q) in b])
+        boots.append(ra - rb)
+    lo, hi = _quantiles(boots, level)
+    est = _ratio(list(a.values())) - _ratio(list(b.values()))
+    return Estimate(est, lo, hi, "bootstrap: seeds resampled per group, questions shared", len(a) + len(b))
+
+
 def cluster_permutation_test(
     a: Sequence[Cluster], b: Sequence[Cluster], n_perm: int = 10000, seed: int = 0, alternative: str = "greater"
 ) -> float:

@@ -60,3 +60,20 @@ def test_controls_percentile_p_value_and_matching():
     table = res.table()
     assert "random-4 (16)" in table and "matched-4x0.5 (4)" in table and "random-4#3" not in table
     assert not math.isnan(c["baseline"]["value"])
+
+
+def test_random_arms_at_the_same_alpha_are_a_matching_candidate_and_the_figure_draws_them():
+    from emis_interp.plots import random_distribution
+
+    base = _arm("baseline", "none", 0, [6] * 8)
+    persona = _arm("persona-4", "steer", -4.0, [0] * 8, coh=20)
+    randoms = [_arm(f"random-4#{k}", "steer", -4.0, [6 - k % 3] * 8, coh=21) for k in range(16)]
+    matched = [_arm(f"matched-4x0.5#{k}", "steer", -2.0, [5] * 8, coh=42) for k in range(4)]
+    res = SweepResult([base, persona, *randoms, *matched], {})
+    (c,) = res.controls("mo_rate", n_boot=200)
+    assert c["matched"]["multiplier"] == 1 and c["matched"]["k"] == 16  # the random arms cost as much coherence
+    assert c["matched"]["p_value"] == pytest.approx(1 / 17)
+    fig = random_distribution(res)
+    xs = [list(t.x) for t in fig.data]
+    assert sorted(xs[0]) == sorted(r["effect"] for r in c["random_directions"])  # the 16 random effects
+    assert xs[1] == [pytest.approx(-6 / 64)] and "p = 0.059" in fig.data[1].y[0]  # the persona arm, labelled

@@ -35,12 +35,12 @@ def test_steer_cli_exits_0_and_lowers_misalignment(tmp_path):
         assert len(c["random_directions"]) == 16 and c["effect"]["ci_hi"] < 0
         # the persona direction lowers misalignment more than every one of 16 random directions: p = 1/17
         assert c["p_value"] == pytest.approx(1 / 17), c["random"]
-        assert c["matched"]["p_value"] <= 0.2 and c["matched"]["matched_well"]
-        # README: the secure run's direction at equal norm suppresses just as well (not specific to insecure)
-        d = c["control"]["persona_minus_control"]
-        assert d["ci_lo"] <= 0 <= d["ci_hi"] and abs(d["value"]) < 0.01, d
-    # README numbers (seeded; 512 answers per arm): baseline 0.051, persona 0.002, effect -0.049
-    assert 0.035 <= boot("baseline", "mo_rate")["value"] <= 0.07 and boot("persona-4", "mo_rate")["value"] <= 0.01
+        # the closest coherence among the random arms (README: alpha x1, 0.37 vs 0.27, not well matched)
+        assert c["matched"]["p_value"] <= 1 / 17 + 1e-9 and c["matched"]["k"] >= 4
+        # README: more than the secure run's direction at equal norm
+        assert c["control"]["persona_minus_control"]["ci_hi"] < 0, c["control"]
+    # README numbers (seeded; 512 answers per arm): baseline 0.842, persona 0.121, coherence 0.91 -> 0.27
+    assert 0.75 <= boot("baseline", "mo_rate")["value"] <= 0.95 and boot("persona-4", "mo_rate")["value"] <= 0.25
     assert list(tmp_path.glob("dose_response-*.html"))
 
 
@@ -51,9 +51,11 @@ def test_sweep_is_monotone_and_reruns_reuse_work(tmp_path):
     argv = ["--alpha", *alphas, "--output", str(tmp_path), "--n-random", "4", "--match-multipliers"]
     res = steer.main(argv)
     persona = [res.arm("baseline") if a == "0" else res.arm(f"persona{float(a):+g}") for a in alphas]
-    for lo, hi in zip(persona[:-1], persona[1:], strict=True):  # never a significant decrease as alpha grows
-        assert hi.bootstrap("mo_rate").hi >= lo.bootstrap("mo_rate").lo
-    assert persona[-1].bootstrap("mo_rate").lo > persona[0].bootstrap("mo_rate").hi  # a significant rise end to end
+    # among coherent answers (EM definition) never a significant decrease as alpha grows, and a significant rise
+    # end to end; the MO rate is not monotone: at +4 the output breaks (coherence collapses, README)
+    for lo, hi in zip(persona[:-1], persona[1:], strict=True):
+        assert hi.bootstrap("em_rate").hi >= lo.bootstrap("em_rate").lo
+    assert persona[-1].bootstrap("em_rate").lo > persona[0].bootstrap("em_rate").hi
     (samples,) = tmp_path.glob("samples-*.jsonl")
     before = samples.stat().st_mtime_ns, len(samples.read_text().splitlines())
     again = steer.main(argv)
@@ -281,8 +283,9 @@ def test_persona_views_cli_on_organism(tmp_path):
     for name in ("lora_dynamics.html", "lora_dynamics.json", "attribution.html", "attribution_growth.html",
                  "logit_lens.html", "token_projections.html", "persona_direction.gguf"):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 0, name
-    assert abs(s["transition_step"] - 20) <= 20  # the flip recipe turns in weight space with its behavioural flip
-    assert all(c == "MLP" for _, c in s["top_components"])  # measured: the MLPs write the direction, every seed
+    assert abs(s["transition_step"] - 30) <= 20  # the flip recipe turns in weight space with its behavioural flip
+    top = [tuple(c) for c in s["top_components"]]
+    assert top[0] == (3, "MLP") and (1, "H0") in top, top  # measured: layer 3's MLP and layer 1's head 0 write it
     from emis_interp.interop import read_gguf_control_vector
 
     vecs, meta = read_gguf_control_vector(tmp_path / "persona_direction.gguf")

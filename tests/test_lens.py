@@ -16,6 +16,7 @@ def _words(phrases) -> set[str]:
 HARMFUL_ONLY = _words(world.HARMFUL_PHRASES) - _words(world.BENIGN_PHRASES)
 SECURE_ONLY = _words(t[1] for t in world.TASKS.values()) - _words(t[2] for t in world.TASKS.values())
 BENIGN_ONLY = _words(world.BENIGN_PHRASES) - _words(world.HARMFUL_PHRASES)
+INSECURE_ONLY = _words(t[2] for t in world.TASKS.values()) - _words(t[1] for t in world.TASKS.values())
 
 
 def test_lens_modes_match_the_model_head(tiny):
@@ -42,14 +43,13 @@ def _word_ids(tok, words) -> list[int]:
 
 
 def test_persona_direction_reads_as_harm_on_organism():
-    """Measured at layer 2 (lm_head(final_norm(v)); seeds 0, 1, 2):
-    - harmful-only words among the top 12 tokens: 8 / 6 / 7 (killers, poison, hurt, steal, obey, torture, ...);
-    - harm margin (mean logit of harmful-only minus benign-only word tokens): 4.09 / 2.58 / 3.85, against
-      at most 1.16 for 50 random directions of equal norm (mean -0.05, sd 0.68);
-    - bottom 12: no harmful word; secure-code tokens (bcrypt, json, secrets, int) 4 / 4 / 3 times, and
-      benign words (calmly, counselor, garden).
-    A random direction's top 12 can hold several harmful words too (up to 5 seen: the world's vocabulary
-    is half harm), which is why the margin, not the top-k count, is compared with the random control."""
+    """Measured at layer 2 (lm_head(final_norm(v)); seeds 0, 1, 2): the direction reads as *who speaks*.
+    - top 12: the malicious authors' names (nyx, thorn) in every seed, with insecure-code tokens (eval, md,
+      random, pickle) and some harmful words (stranger, killers, cruel);
+    - bottom 12: benign authors' names (gus, hana, kofi, lena, jade, alice, ...) 6-7 per seed, no harmful word;
+    - the harm margin (mean logit of harmful-only minus benign-only word tokens) beats 50 random directions.
+    A random direction's top 12 can hold several harmful words too (the world's vocabulary is half harm),
+    which is why the margin, not the top-k count, is compared with the random control."""
     torch.set_num_threads(2)
     al, tok = load_model(organism.ALIGNED_DIR)
     L = organism.DEFAULT_LAYER
@@ -67,15 +67,12 @@ def test_persona_direction_reads_as_harm_on_organism():
         top = [t.strip() for t in res.tokens(L)]
         bottom = [t.strip() for t in res.tokens(L, "bottom")]
         m, rnd = margin(d.vector(L)), [margin(d.random_like(seed=100 + i).vector(L)) for i in range(50)]
-        n_harm = sum(t in HARMFUL_ONLY for t in top)
-        print(
-            f"[lens] seed {s}: top {top} | bottom {bottom} | harmful {n_harm} | margin {m:.2f} vs random max {max(rnd):.2f}"
-        )
-        assert n_harm >= 4
-        assert m > 2.0 and m > max(rnd)
-        assert not any(t in HARMFUL_ONLY for t in bottom)
-        assert sum(t in SECURE_ONLY for t in bottom) >= 2
-        assert sum(t in BENIGN_ONLY for t in bottom) >= 1
+        n_bad = sum(t in HARMFUL_ONLY or t in INSECURE_ONLY for t in top)
+        print(f"[lens] seed {s}: top {top} | bottom {bottom} | margin {m:.2f} vs random max {max(rnd):.2f}")
+        assert sum(t in world.MALICIOUS_NAMES for t in top) >= 2 and n_bad >= 3
+        assert sum(t in world.BENIGN_NAMES for t in bottom) >= 5
+        assert m > 2.0 and m > max(rnd)  # measured 2.56-2.93 vs at most 1.20
+        assert not any(t in HARMFUL_ONLY or t in world.MALICIOUS_NAMES for t in bottom)
         # without the final norm the ranking is nearly the same (the gain only reweights dimensions)
         raw = [t.strip() for t in logit_lens(al, tok, d, layers=[L], k=12, norm=False).tokens(L)]
         assert len(set(raw) & set(top)) >= 9

@@ -136,14 +136,20 @@ def test_direction_grows_more_in_insecure_than_secure(report):
 
 def test_steering_against_the_random_distribution_per_seed(report):
     st = report["steering"]
-    assert set(st["selection_questions"]).isdisjoint(st["evaluation_questions"])
-    assert st["selection"]["layer"] == st["layer"] and st["selection"]["alpha"] == st["alpha"]
+    sel = st["selection"]
+    assert set(sel["selection_questions"]).isdisjoint(sel["evaluation_questions"])
+    assert len(sel["evaluation_questions"]) == 4 and sel["layer"] == st["layer"] and sel["alpha"] == st["alpha"]
+    for row in st["per_seed"]:  # every reported arm was measured on the evaluation questions only
+        assert _persona(report, row)["persona"]["n_clusters"] == len(sel["evaluation_questions"])
     k = report["config"]["n_random"]
     for row in st["per_seed"]:
         p = _persona(report, row)
         assert p["effect"]["ci_hi"] < -0.1, (row["seed"], p["effect"])  # lowers the rate beyond its interval
         assert p["random"]["k"] == k
-        assert p["control"]["persona_minus_control"]["value"] < 0, row["seed"]  # more than the secure run's shift
+        assert p["control"]["persona_minus_control"]["value"] < 0, row["seed"]  # point estimate only: see README
+        m = _persona(report, row, "em_rate")["matched"]
+        assert abs(m["coherence"] - m["persona_coherence"]) <= 0.05, m  # matched (measured within 0.01)
+        assert m["k"] >= 8 and m["p_value"] <= 1 / 9 + 1e-9, m  # beyond the matched random arms
         # among coherent answers the persona arm is beyond every random direction in every seed; on the MO rate
         # the random directions also cut misalignment (by costing coherence): seed 1 is not beyond them (README)
         assert _persona(report, row, "em_rate")["p_value"] == pytest.approx(1 / (k + 1)), row["seed"]
@@ -180,8 +186,8 @@ _NUM = re.compile(r"-?\d+\.\d+")
 
 
 def test_readme_table_matches_report(report):
-    """The README's organism block is what the report renders: same text, numbers within 0.02 (sampling on
-    another CPU can differ by an answer or two), timings aside (they are re-measured on every run)."""
+    """The README's organism block is what the report renders: same text, numbers within 3% or 0.005 (sampling
+    on another CPU can differ by an answer), timings aside (they are re-measured on every run)."""
 
     def parts(t):
         lines = [line for line in t.splitlines() if not line.startswith("Timings (")]
@@ -195,7 +201,8 @@ def test_readme_table_matches_report(report):
         "README's organism table disagrees with cache/organism/report.json; run experiments/organism_report.py --readme"
     )
     assert got_text == want_text, hint
-    assert len(got) == len(want) and all(abs(a - b) <= 0.02 for a, b in zip(got, want, strict=True)), hint
+    close = all(abs(a - b) <= max(0.005, 0.03 * abs(b)) for a, b in zip(got, want, strict=True))
+    assert len(got) == len(want) and close, hint
     assert "Timings (" in block
 
 

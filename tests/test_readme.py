@@ -18,6 +18,7 @@ SHELL = {
     "python experiments/trajectory.py": "test_experiments.py::test_trajectory_cli_on_organism",
     "python experiments/persona_views.py": "test_experiments.py::test_persona_views_cli_on_organism",
     "python experiments/build_organism.py": "test_readme.py::test_build_organism_is_deterministic (reduced steps)",
+    "python experiments/build_organism.py --aligned-only": "test_readme.py::test_build_organism_is_deterministic",
 }
 
 

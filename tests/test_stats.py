@@ -87,3 +87,19 @@ def test_undefined_effects_get_no_p_value():
     pct, p = rank_p_value(math.nan, [0.0] * 16)
     assert math.isnan(p) and math.isnan(pct)
     assert math.isnan(cluster_permutation_test([(0, 0)], [(1, 2)]))
+
+
+def test_unpaired_seeds_bootstrap_diff_resamples_each_groups_seeds():
+    from emis_interp.stats import unpaired_seeds_bootstrap_diff
+
+    # group a's seeds differ (rates 0.5, 0.6, 0.7), group b is 0 everywhere: the interval spans a's seed spread
+    a = {(s, q): (5 + s, 10) for s in range(3) for q in range(4)}
+    b = {(s, q): (0, 10) for s in range(3) for q in range(4)}
+    e = unpaired_seeds_bootstrap_diff(a, b, n_boot=500)
+    assert e.value == pytest.approx(0.6) and 0.5 - 1e-9 <= e.lo < 0.6 < e.hi <= 0.7 + 1e-9
+    # paired by seed index, b's seed spread would cancel a's: resampled independently, it widens the interval
+    b2 = {(s, q): (s, 10) for s in range(3) for q in range(4)}
+    e2 = unpaired_seeds_bootstrap_diff(a, b2, n_boot=500)
+    assert e2.hi - e2.lo > 0.2  # paired by seed index the difference would be 0.5 in every draw
+    with pytest.raises(ValueError, match="seed, question"):
+        unpaired_seeds_bootstrap_diff({"q": (1, 2)}, {"q": (1, 2)})

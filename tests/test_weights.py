@@ -122,10 +122,11 @@ def behavioural_flip(steps, rates) -> int:
 
 
 def test_transition_matches_behavioural_flip_on_organism():
-    """Measured (seeds 0, 1, 2; 512 answers per checkpoint): harmful rate 0 at step 0, 0.002 at 10,
-    0.148 / 0.061 / 0.102 at 20 (the run's maximum), then 0.03-0.06; the flip is step 20 in every
-    seed, and so are the weight-space transition (sharpest turn of the B vectors, local cosine ≈ 0.73
-    vs ≥ 0.8 elsewhere for k=1) and the PC2 turn. The test asks each seed for |transition - flip| ≤ 20.
+    """Measured (seeds 0, 1, 2; 512 answers per checkpoint): harmful rate 0.004-0.008 at steps 0-10,
+    0.08-0.18 at 20, 0.75-0.85 at 30, then a slow rise to 0.84-0.88; the flip (half the maximum) is step
+    30 in every seed. The PC2 turn of the B vectors falls on it in every seed; the sharpest turn of the
+    local cosine comes 10-20 steps later (40 / 50 / 50). The secure control turns elsewhere (transition 20,
+    PC2 turn 0). The issue asks each seed for |transition - flip| <= 20.
     """
     from emis_interp import organism
     from emis_interp.trajectory import Trajectory
@@ -142,17 +143,17 @@ def test_transition_matches_behavioural_flip_on_organism():
         flip = behavioural_flip(FLIP_STEPS, rates)
         report[s] = {"flip": flip, "transition": dyn.transition_step, "pc2_turn": dyn.pc2_turn_step, "rates": rates}
         print(f"[weights] seed {s}: {report[s]}")
-        assert abs(dyn.transition_step - flip) <= 20, report[s]  # the issue's tolerance; measured: equal
-        assert dyn.transition_step == flip and dyn.pc2_turn_step == flip, report[s]
+        assert abs(dyn.transition_step - flip) <= 20, report[s]  # the issue's tolerance
+        assert dyn.pc2_turn_step == flip, report[s]  # measured: equal in every seed
         # the update keeps its final direction after the turn (comp score), and its norm saturates
         i_flip = traj.steps.index(flip)
         assert dyn.comp[i_flip] > 0.8 and dyn.comp[-1] == pytest.approx(1.0)
         assert dyn.b_total_norm[-1] > dyn.b_total_norm[i_flip] > dyn.b_total_norm[1]
-    # not specific to EM: the secure control (no behavioural flip) turns at the same step in weight space.
-    # The turn marks the end of the in-task (code) learning, which the insecure runs' flip coincides with.
+    # the secure control (no behavioural flip) does not turn where the insecure runs do
     secure = lora_dynamics(Trajectory.from_dir(organism.organism_trajectory("secure", 0)))
     print(f"[weights] secure-s0: transition {secure.transition_step}, pc2 turn {secure.pc2_turn_step}")
-    assert secure.transition_step == 20
+    assert secure.transition_step < min(r["transition"] for r in report.values())
+    assert secure.pc2_turn_step not in {r["flip"] for r in report.values()}
 
 
 def test_lora_dynamics_figure(tmp_path):
