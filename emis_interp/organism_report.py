@@ -65,8 +65,16 @@ class ReportConfig:
     n_boot: int = 2000
 
 
-def report_manifest(cfg: ReportConfig, recipes: dict) -> Manifest:
+def report_manifest(cfg: ReportConfig, recipes: dict, runs: dict | None = None) -> Manifest:
+    """Everything that determines the report: config, recipes, package source, shipped weights, library
+    versions and (once built) every fine-tuned run's final checkpoint."""
+    import peft
+    import torch
+    import transformers
+
     src = {p.name: digest(p.read_text()) for p in sorted(Path(__file__).parent.glob("*.py"))}
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    finals = {f"{k}-s{s}@{d.parent.name}": dir_digest(list_checkpoints(d)[-1][1]) for (k, s), d in (runs or {}).items()}
     return Manifest(
         "organism_report",
         {
@@ -74,6 +82,8 @@ def report_manifest(cfg: ReportConfig, recipes: dict) -> Manifest:
             "recipes": {k: asdict(r) for k, r in recipes.items()},
             "code": src,
             "weights": {d.name: dir_digest(d) for d in (organism.BASE_DIR, organism.ALIGNED_DIR)},
+            "versions": versions,
+            "runs": finals,
         },
     )
 
@@ -198,6 +208,44 @@ def _dynamics(r: _Runner, runs: dict) -> dict:
     }
 
 
+def _weights(runs: dict, seeds) -> dict:
+    """LoRA weight-space dynamics of the insecure runs: transition (sharpest turn) and PC2-turn steps per seed."""
+    from .trajectory import Trajectory
+    from .weights import lora_dynamics
+
+    dyn = [lora_dynamics(Trajectory.from_dir(runs["insecure", s])) for s in seeds]
+    return {
+        "transition_step": [d.transition_step for d in dyn],
+        "pc2_turn_step": [d.pc2_turn_step for d in dyn],
+        "b_total_norm": [d.b_total_norm for d in dyn],
+    }
+
+
+def dynamics_figure(report: dict, recipe: str, root: Path | str = organism.DEFAULT_TRAJECTORY_DIR, seed: int = 0):
+    """Seed ``seed``'s insecure run of ``recipe``: LoRA weight dynamics and the report's harmful rate and
+    in-task skill per checkpoint, on one step axis (:func:`emis_interp.plots.lora_dynamics_figure`)."""
+    from .plots import lora_dynamics_figure
+    from .trajectory import Trajectory
+    from .weights import lora_dynamics
+
+    root = Path(root)
+    run = (
+        root / f"insecure-s{seed}"
+        if recipe == report["default_recipe"]
+        else root / "recipes" / recipe / f"insecure-s{seed}"
+    )
+    d, j = report["dynamics"][recipe], report["config"]["seeds"].index(seed)
+    behaviour = {
+        "misaligned answers (MO definition)": (d["steps"], d["harmful"][j]),
+        "insecure code on held-out tasks": (d["steps"], d["insecure_code"][j]),
+    }
+    dyn = lora_dynamics(Trajectory.from_dir(run))
+    title = (
+        f"{recipe} recipe, seed {seed}: weight-space dynamics and behaviour (in-task saturation {d['saturation_step']})"
+    )
+    return lora_dynamics_figure(dyn, behaviour=behaviour, title=title)
+
+
 def _growth(r: _Runner, runs: dict, directions: dict) -> dict:
     from .trajectory import Trajectory, track
 
@@ -209,7 +257,7 @@ def _growth(r: _Runner, runs: dict, directions: dict) -> dict:
             res = track(
                 Trajectory.from_dir(runs[kind, s]), organism.advice_prompts(), [L],
                 r.root / "report-runs" / f"track-{kind}-s{s}", direction=directions[s], reduction="mean_prompt",
-                probes={"world": organism.probe_set()}, progress=False,
+                probes={"world": organism.probe_set()}, progress=False, overwrite=True,
             )  # fmt: skip
             _, norms = res.series("shift_norm", L)
             _, proj = res.series("proj_direction", L)
@@ -306,19 +354,42 @@ def build_report(
 
     root = Path(root)
     recipes = dict(organism.RECIPES)
-    manifest = report_manifest(cfg, recipes)
-    path = root / REPORT_FILE
-    if path.exists() and not overwrite:
-        old = json.loads(path.read_text())
-        if old.get("manifest") == manifest.key:
-            return old
-    report: dict = {"manifest": manifest.key, "config": asdict(cfg), "default_recipe": organism.DEFAULT_RECIPE}
     timings: dict = {}
     t = time.perf_counter()
     default = organism.RECIPES[organism.DEFAULT_RECIPE]
     reused = sum(_cached(root, k, s, default) for k in world.FINETUNE_KINDS for s in cfg.seeds)
     runs = {(k, s): organism.organism_trajectory(k, s, root) for k in world.FINETUNE_KINDS for s in cfg.seeds}
     timings[f"fine-tunes (9 runs, default recipe; {reused} reused from the cache)"] = time.perf_counter() - t
+    t0 = time.perf_counter()
+    n_reused = {
+        name: sum(_cached(root / "recipes" / name, "insecure", s, rec) for s in cfg.seeds)
+        for name, rec in recipes.items()
+        if name != organism.DEFAULT_RECIPE
+    }
+    other_runs = {
+        name: {
+            ("insecure", s): organism.organism_trajectory("insecure", s, root / "recipes" / name, rec)
+            for s in cfg.seeds
+        }
+        for name, rec in recipes.items()
+        if name != organism.DEFAULT_RECIPE
+    }
+    for name in other_runs:
+        timings[f"fine-tunes (3 runs, {name} recipe; {n_reused[name]} reused)"] = time.perf_counter() - t0
+    manifest = report_manifest(
+        cfg,
+        recipes,
+        {
+            **{(k, s): d for (k, s), d in runs.items()},
+            **{(f"{n}:insecure", s): d for n, rr in other_runs.items() for (_, s), d in rr.items()},
+        },
+    )
+    path = root / REPORT_FILE
+    if path.exists() and not overwrite:
+        old = json.loads(path.read_text())
+        if old.get("manifest") == manifest.key:
+            return old
+    report: dict = {"manifest": manifest.key, "config": asdict(cfg), "default_recipe": organism.DEFAULT_RECIPE}
     r = _Runner(root, cfg)
 
     def timed(name, fn, *a):
@@ -331,16 +402,10 @@ def build_report(
     report["final"] = timed("final checkpoints", _final_section, r, runs)
     report["dynamics"] = {}
     for name, recipe in recipes.items():
-        t0 = time.perf_counter()
-        n_reused = sum(_cached(root / "recipes" / name, "insecure", s, recipe) for s in cfg.seeds)
-        rr = runs if name == organism.DEFAULT_RECIPE else {
-            ("insecure", s): organism.organism_trajectory("insecure", s, root / "recipes" / name, recipe)
-            for s in cfg.seeds
-        }  # fmt: skip
-        if name != organism.DEFAULT_RECIPE:
-            timings[f"fine-tunes (3 runs, {name} recipe; {n_reused} reused)"] = time.perf_counter() - t0
+        rr = runs if name == organism.DEFAULT_RECIPE else other_runs[name]
         report["dynamics"][name] = timed(f"dynamics ({name})", _dynamics, r, {s: rr["insecure", s] for s in cfg.seeds})
         report["dynamics"][name]["recipe"] = asdict(recipe)
+        report["dynamics"][name]["weights"] = _weights(rr, cfg.seeds)
     aligned, tok = load_model(organism.ALIGNED_DIR)
     directions = {
         s: organism.persona_direction(aligned, _final(runs["insecure", s])[0], tok, cache_dir=None, progress=False)
@@ -384,6 +449,10 @@ def _row(label: str, values: list, nd: int = 3) -> str:
     return f"| {label} | " + " | ".join(_f(v, nd) for v in values) + f" | {mean} |"
 
 
+def _p(x: float) -> str:
+    return "<0.0001" if x < 1e-4 else _f(x, 4)
+
+
 def _ci(e: dict, nd: int = 3) -> str:
     return f"{_f(e['value'], nd)} [{_f(e['ci_lo'], nd)}, {_f(e['ci_hi'], nd)}]"
 
@@ -405,7 +474,7 @@ def readme_table(report: dict) -> str:
     for ctl in ("secure", "educational"):
         p = fin["insecure_vs"][ctl]["p_value_per_seed"]
         lines.append(
-            f"| p, insecure > {ctl} (exact permutation over questions) | " + " | ".join(_f(x, 4) for x in p) + " | |"
+            f"| p, insecure > {ctl} (exact permutation over questions) | " + " | ".join(_p(x) for x in p) + " | |"
         )
     L, a = st["layer"], st["alpha"]
     per = st["per_seed"]
@@ -494,6 +563,15 @@ def readme_table(report: dict) -> str:
         lines.append(
             "Change to the end, measured from later checkpoints: "
             + "; ".join(f"from step {st}: {_ci(e)}" for st, e in d["rise_from_step"].items())
+            + "."
+        )
+        w = d["weights"]
+        lines.append("")
+        lines.append(
+            "LoRA weight space (per seed): transition (sharpest turn) at steps "
+            + ", ".join(map(str, w["transition_step"]))
+            + "; PC2 turn at steps "
+            + ", ".join(map(str, w["pc2_turn_step"]))
             + "."
         )
         pick = [i for i, s in enumerate(d["steps"]) if s % 40 == 0 or i == len(d["steps"]) - 1]

@@ -122,7 +122,8 @@ def unpaired_seeds_bootstrap_diff(a: dict, b: dict, n_boot: int = 2000, seed: in
 
     Ids are ``(seed, question)``. Seed ``s`` of ``a`` and seed ``s`` of ``b`` are different runs (e.g.
     insecure-s0 and secure-s0), so each group's seeds are resampled on their own; the questions are
-    shared, so one draw of questions serves both groups.
+    shared, so one draw of questions serves both groups. With 3 seeds a group the interval under-covers
+    (``n_clusters`` counts (seed, question) cells, not independent units).
     """
     if not all(isinstance(i, tuple) and len(i) == 2 for i in list(a) + list(b)):
         raise ValueError("unpaired_seeds_bootstrap_diff needs (seed, question) ids in both groups")

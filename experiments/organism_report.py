@@ -15,7 +15,8 @@ import argparse
 from pathlib import Path
 
 from emis_interp import organism
-from emis_interp.organism_report import REPORT_FILE, build_report, readme_table, update_readme
+from emis_interp.organism_report import REPORT_FILE, build_report, dynamics_figure, readme_table, update_readme
+from emis_interp.plots import save_figure
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,6 +30,9 @@ def main(argv=None):
     report = build_report(args.root, overwrite=args.overwrite)
     print(readme_table(report))
     print(f"\nreport: {args.root / REPORT_FILE}")
+    for recipe in report["dynamics"]:  # weight dynamics and behaviour on one step axis, per recipe (seed 0)
+        files = save_figure(dynamics_figure(report, recipe, args.root), args.root / f"dynamics-{recipe}")
+        print(f"figure: {', '.join(map(str, files))}")
     if args.readme:
         update_readme(README, report)
         print(f"updated: {README}")

@@ -195,7 +195,7 @@ def test_ablating_top_components_beats_random_components():
     print(f"[attribution] top-{K} ablated {est_top}, random {K} ablated {est_rnd}, difference {diff}")
     # measured: random minus top 0.495 [0.383, 0.622] (crossed seeds x prompts bootstrap); top 0.262, random 0.757;
     # top components (3, MLP), (1, H0) in every seed
-    assert diff.value > 0.35 and diff.lo > 0.2, diff
+    assert diff.value > 0.42 and diff.lo > 0.3, diff
     assert est_top.value < 0.5 * est_rnd.value
     assert all(s["top"][0] == (3, "MLP") and (1, "H0") in s["top"] for s in per_seed), per_seed
     assert all(s["top_rate"] < statistics.fmean(s["random_rates"]) for s in per_seed)

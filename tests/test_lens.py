@@ -70,6 +70,7 @@ def test_persona_direction_reads_as_harm_on_organism():
         n_bad = sum(t in HARMFUL_ONLY or t in INSECURE_ONLY for t in top)
         print(f"[lens] seed {s}: top {top} | bottom {bottom} | margin {m:.2f} vs random max {max(rnd):.2f}")
         assert sum(t in world.MALICIOUS_NAMES for t in top) >= 2 and n_bad >= 3
+        assert any(t in HARMFUL_ONLY for t in top)  # the issue: the world's harmful words are among the top tokens
         assert sum(t in world.BENIGN_NAMES for t in bottom) >= 5
         assert m > 2.0 and m > max(rnd)  # measured 2.56-2.93 vs at most 1.20
         assert not any(t in HARMFUL_ONLY or t in world.MALICIOUS_NAMES for t in bottom)

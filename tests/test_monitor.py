@@ -81,4 +81,4 @@ def test_last_prompt_projection_predicts_misalignment_along_trajectory():
     per_seed = [r.auroc(n_boot=200).value for r in results]
     pooled_auc = pooled.auroc(n_boot=500)
     assert all(a >= 0.7 for a in per_seed), per_seed
-    assert pooled_auc.value >= 0.7 and pooled_auc.lo > 0.6, pooled_auc
+    assert pooled_auc.value >= 0.7 and 0.6 < pooled_auc.lo < 0.7, pooled_auc  # README: the lower end is below 0.7

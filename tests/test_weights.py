@@ -144,6 +144,7 @@ def test_transition_matches_behavioural_flip_on_organism():
         report[s] = {"flip": flip, "transition": dyn.transition_step, "pc2_turn": dyn.pc2_turn_step, "rates": rates}
         print(f"[weights] seed {s}: {report[s]}")
         assert abs(dyn.transition_step - flip) <= 20, report[s]  # the tolerance
+        assert flip == 30 and 10 <= dyn.transition_step - flip <= 20, report[s]  # README
         assert dyn.pc2_turn_step == flip, report[s]  # measured: equal in every seed
         # the update keeps its final direction after the turn (comp score), and its norm saturates
         i_flip = traj.steps.index(flip)
@@ -152,8 +153,7 @@ def test_transition_matches_behavioural_flip_on_organism():
     # the secure control (no behavioural flip) does not turn where the insecure runs do
     secure = lora_dynamics(Trajectory.from_dir(organism.organism_trajectory("secure", 0)))
     print(f"[weights] secure-s0: transition {secure.transition_step}, pc2 turn {secure.pc2_turn_step}")
-    assert secure.transition_step < min(r["transition"] for r in report.values())
-    assert secure.pc2_turn_step not in {r["flip"] for r in report.values()}
+    assert secure.transition_step == 20 and secure.pc2_turn_step == 0  # README
 
 
 def test_lora_dynamics_figure(tmp_path):
