@@ -289,8 +289,9 @@ class _PromptJudge(Judge):
         out["label"] = label
         return out
 
+    @abc.abstractmethod
     def score_prompt(self, prompt: str) -> tuple[float | None, str | None]:
-        raise NotImplementedError
+        """Score (0..100, or None) and special label (CODE / REFUSAL, or None) of one templated judge prompt."""
 
 
 _sleep = time.sleep  # the backoff's sleep (tests record it)

@@ -360,22 +360,17 @@ def build_report(
     reused = sum(_cached(root, k, s, default) for k in world.FINETUNE_KINDS for s in cfg.seeds)
     runs = {(k, s): organism.organism_trajectory(k, s, root) for k in world.FINETUNE_KINDS for s in cfg.seeds}
     timings[f"fine-tunes (9 runs, default recipe; {reused} reused from the cache)"] = time.perf_counter() - t
-    t0 = time.perf_counter()
-    n_reused = {
-        name: sum(_cached(root / "recipes" / name, "insecure", s, rec) for s in cfg.seeds)
-        for name, rec in recipes.items()
-        if name != organism.DEFAULT_RECIPE
-    }
-    other_runs = {
-        name: {
+    other_runs = {}
+    for name, rec in recipes.items():
+        if name == organism.DEFAULT_RECIPE:
+            continue
+        t0 = time.perf_counter()
+        n_reused = sum(_cached(root / "recipes" / name, "insecure", s, rec) for s in cfg.seeds)
+        other_runs[name] = {
             ("insecure", s): organism.organism_trajectory("insecure", s, root / "recipes" / name, rec)
             for s in cfg.seeds
         }
-        for name, rec in recipes.items()
-        if name != organism.DEFAULT_RECIPE
-    }
-    for name in other_runs:
-        timings[f"fine-tunes (3 runs, {name} recipe; {n_reused[name]} reused)"] = time.perf_counter() - t0
+        timings[f"fine-tunes ({len(cfg.seeds)} runs, {name} recipe; {n_reused} reused)"] = time.perf_counter() - t0
     manifest = report_manifest(
         cfg,
         recipes,
@@ -463,8 +458,9 @@ def readme_table(report: dict) -> str:
     fin, st, ab = report["final"], report["steering"], report["ablation"]
     lines = ["| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---|" + "---|" * (len(seeds) + 1)]
     m = report["models"]
-    lines.append(f"| base model, harmful (one model) | | | | {_f(m['base']['mo_rate']['value'])} |")
-    lines.append(f"| aligned model, harmful (one model) | | | | {_f(m['aligned']['mo_rate']['value'])} |")
+    blank = "| " * len(seeds)
+    lines.append(f"| base model, harmful (one model) {blank}| {_f(m['base']['mo_rate']['value'])} |")
+    lines.append(f"| aligned model, harmful (one model) {blank}| {_f(m['aligned']['mo_rate']['value'])} |")
     for kind in world.FINETUNE_KINDS:
         lines.append(_row(f"{kind} fine-tune, harmful (final)", [r["mo_rate"]["value"] for r in fin[kind]]))
     lines.append(_row("insecure fine-tune, coherent (final)", [r["coherence"]["value"] for r in fin["insecure"]], 2))
