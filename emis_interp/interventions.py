@@ -34,6 +34,12 @@ projecting only after each layer: the MLP reads the residual between attention a
 attention output has given a component along ``u`` again. Hooks come off on exit, also when the
 body raises.
 
+**Adapters per row.** ``lora=(bank, idx)`` runs batch row ``b`` through LoRA adapter ``idx[b]`` of a
+:class:`~emis_interp.lora_bank.LoraBank` (bank row 0, ``"__base__"``, is the plain model, bit for
+bit): hooks on each adapted linear module add the row's low-rank delta to its output, before any
+other hook of this intervention on that module sees it, so steering, ablation and projected
+writes act on the adapted model. The model must be the plain base model the bank was built on.
+
 **Backends and compilation.** The hooks sit on the HF model's modules, so they act in plain
 forward passes, in ``generate`` (dynamic or static KV cache) and in the ``"torch"`` and
 ``"nnsight"`` capture backends (tested). ``generate`` with a static cache compiles the decode step
@@ -57,8 +63,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .directions import PersonaDirection
-from .errors import check_alpha, check_finite
+from .errors import ConfigError, check_alpha, check_finite
 from .hooks import generation_phase, register, unregister
+from .lora_bank import LoraBank, RowPlan, apply_rows
 from .models import check_layers, d_model, decoder_layers
 
 POSITIONS = ("all", "prompt", "response")
@@ -186,7 +193,10 @@ class Intervention:
     - ``project_components[(l, c)]``: unit direction(s) removed from the write of *one component*
       of decoder layer ``l``: ``c = "MLP"`` (the MLP's output) or ``"H{h}"`` (attention head ``h``'s
       share of ``o_proj``'s output, :func:`emis_interp.attribution.head_writes`); the other heads'
-      writes are untouched. Zero rows are exact no-ops.
+      writes are untouched. Zero rows are exact no-ops;
+    - ``lora``: ``(bank, idx)``, a :class:`~emis_interp.lora_bank.LoraBank` and a LongTensor
+      ``[batch]`` of bank rows (``bank.index(names)``): row ``b`` runs through adapter ``idx[b]``
+      (``0``: ``"__base__"``, no adapter).
 
     Each tensor is ``Float[Tensor, "d_model"]`` (every row) or ``Float[Tensor, "batch d_model"]``
     (one per batch row; zero rows are exact no-ops). ``positions`` is ``"all"``, ``"prompt"``,
@@ -198,6 +208,7 @@ class Intervention:
     project_writes: Vec | None = None
     positions: Positions = "all"
     project_components: dict[tuple[int, str], Vec] = field(default_factory=dict)
+    lora: tuple[LoraBank, Tensor] | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -220,6 +231,26 @@ class Intervention:
         }
         if self.project_writes is not None:
             self.project_writes = self.project_writes.detach().float()
+        if self.lora is not None:
+            bank, idx = self.lora
+            if (
+                not isinstance(bank, LoraBank)
+                or not isinstance(idx, Tensor)
+                or idx.ndim != 1
+                or idx.is_floating_point()
+            ):
+                raise ValueError(
+                    "Intervention.lora must be (LoraBank, LongTensor[batch]) with one bank row per batch row; "
+                    "build it as (bank, bank.index(names_per_row))."
+                )
+            idx = idx.detach().to("cpu", torch.long)
+            if len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < len(bank):
+                raise IndexError(f"lora rows {idx.tolist()} out of range for a bank of {len(bank)} ({bank.names})")
+            if rows and rows != {len(idx)}:
+                raise ValueError(
+                    f"per-row intervention tensors have {rows.pop()} rows but lora has {len(idx)}; one row per sequence."
+                )
+            self.lora = (bank, idx)
 
     @property
     def layers(self) -> list[int]:
@@ -315,6 +346,26 @@ class Intervention:
             raise IndexError(
                 f"intervention layers {bad} are out of range for a model with {n} decoder layers; use 0..{n - 1}"
             )
+        if self.lora is not None:
+            self._check_lora(model)
+
+    def _check_lora(self, model) -> None:
+        from .attribution import parse_component
+
+        bank, idx = self.lora
+        bank.check_model(model)
+        if not bool((idx != 0).any()):
+            return
+        nh = int(model.config.num_attention_heads)
+        names = {id(m): name for name, m in model.named_modules()}
+        for layer in sorted({lay for (lay, c) in self.project_components if parse_component(c, nh) is not None}):
+            o_name = names[id(decoder_layers(model)[layer].self_attn.o_proj)]
+            if o_name in bank.A:
+                raise ConfigError(
+                    f"per-head ablation at layer {layer} splits o_proj's output into head writes with the base "
+                    f"weight, but the LoRA bank adapts {o_name} per row; ablate the MLP or whole writes instead, or "
+                    "sample these adapters with PEFT."
+                )
 
     def _component_hooks(self, model) -> list:
         """Hooks removing ``project_components``: on each MLP's output and each ``o_proj`` with selected heads."""
@@ -337,6 +388,33 @@ class Intervention:
                     return project_out(output, self._on(("comp", (layer, "MLP")), output))
 
                 handles.append(register(layers[layer].mlp, mlp_hook))
+        return handles
+
+    def _lora_hooks(self, model) -> list:
+        """Forward hooks adding each row's LoRA delta to the output of every module in the bank."""
+        bank, idx = self.lora
+        plan = RowPlan.build(idx)
+        modules = dict(model.named_modules())
+        handles = []
+        for name in bank.A:
+
+            def post(module, args, output, name=name):
+                x = args[0]
+                if x.shape[0] != plan.n_rows:
+                    raise ValueError(
+                        f"the LoRA bank was given {plan.n_rows} rows (adapter names) but the batch has {x.shape[0]} "
+                        "rows: pass one adapter name per sequence (num_return_sequences and beams multiply the batch; "
+                        "pass them as separate rows instead)."
+                    )
+                if not plan.adapters:
+                    return None
+                ck = ("lora", name, x.device, x.dtype)
+                ab = self._cache.get(ck)
+                if ab is None:
+                    ab = self._cache[ck] = (bank.A[name].to(x.device, x.dtype), bank.B[name].to(x.device, x.dtype))
+                return apply_rows(output, x, *ab, plan)
+
+            handles.append(register(modules[name], post))
         return handles
 
     @contextmanager
@@ -379,6 +457,8 @@ class Intervention:
         handles = []
         _hold_compile_guard(model)
         try:
+            if self.lora is not None:  # first: the other hooks on these modules see the adapted output
+                handles += self._lora_hooks(model)
             handles.append(register(_decoder_stack(model), stack_pre, pre=True, with_kwargs=True))
             for layer in self.layers:
                 handles.append(register(layers[layer], layer_hook(layer)))

@@ -31,7 +31,7 @@ def save_figure(fig: go.Figure, path: str | Path, png: bool = True) -> list[Path
         if "BROWSER_PATH" not in os.environ and Path("/usr/bin/chromium").exists():
             os.environ["BROWSER_PATH"] = "/usr/bin/chromium"
         try:
-            fig.write_image(path.with_suffix(".png"), width=900, height=520)
+            fig.write_image(path.with_suffix(".png"), width=fig.layout.width or 900, height=fig.layout.height or 520)
             out.append(path.with_suffix(".png"))
         except Exception as e:  # kaleido without a browser: HTML only, say so once
             warnings.warn(f"PNG export skipped ({type(e).__name__}: {str(e)[:120]}); HTML written", stacklevel=2)
@@ -285,3 +285,107 @@ def attribution_growth(traj, top: int = 6, relative: bool = True, title: str | N
 
 def _argsort_desc(x) -> list[int]:
     return sorted(range(len(x)), key=lambda i: -float(x[i]))
+
+
+def _track_band(runs: Sequence[TrackResult], metric: str, layer: int | None):
+    series = [r.series(metric, layer) for r in runs]
+    series = [s for s in series if s[0]]
+    if not series:
+        return None
+    steps = series[0][0]
+    if any(s[0] != steps for s in series):
+        raise ValueError(f"{metric}: the seeds of one run have different checkpoint steps; align the runs first")
+    return (steps, *_band([s[1] for s in series]))
+
+
+def trajectory_panels(
+    behaviour: Mapping[str, object],
+    tracks: Mapping[str, Sequence[TrackResult]],
+    layers: Sequence[int],
+    controls: Sequence[str] = (),
+    departures: Mapping[str, dict] | None = None,
+    probe_set: str | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """The training-dynamics figure: one column of panels over a shared training-step axis.
+
+    Panels: the judged misalignment rate (EM and MO definitions) and coherence (each a run's
+    estimate over its seeds with the crossed seeds x questions bootstrap interval as the band), the
+    log-prob misalignment metric and the in-task metric (seed mean, min-max band over seeds), and
+    per layer the projection of the activation shift on the common persona direction and the shift's
+    norm. One colour per run; ``controls`` are drawn dashed; ``departures[run]["step"]`` (from
+    :func:`emis_interp.behaviour.departure`) is marked on every panel.
+    """
+    from plotly.subplots import make_subplots
+
+    from .behaviour import METRICS
+
+    any_track = next(iter(tracks.values()))[0] if tracks else None
+    probe_keys = sorted(k for k in (any_track.checkpoints[0] if any_track else {}) if k.startswith("p_mis["))
+    if probe_set is not None:
+        probe_keys = [f"p_mis[{probe_set}]"]
+    panels: list[tuple[str, str, str, int | None]] = []  # (source, metric, title, layer)
+    if behaviour:
+        panels += [("judged", m, f"{METRICS[m]} (fraction, 95% CI over seeds x questions)", None) for m in METRICS]
+    panels += [("track", k, f"log-prob metric: p(misaligned answer) on probes {k[6:-1]!r}", None) for k in probe_keys]
+    if any_track and "in_task_logprob" in any_track.checkpoints[0]:
+        panels.append(
+            ("track", "in_task_logprob", "in-task skill: log-prob of held-out training answers (nats/token)", None)
+        )
+    for layer in layers:
+        if any_track and any(r.get("layer") == layer and "proj_direction" in r for r in any_track.layers):
+            panels.append(
+                (
+                    "track",
+                    "proj_direction",
+                    f"projection on the common persona direction, layer {layer} (residual units)",
+                    layer,
+                )
+            )
+        panels.append(
+            ("track", "shift_norm", f"activation shift from step 0, layer {layer}: norm (residual units)", layer)
+        )
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, subplot_titles=[p[2] for p in panels],
+                        vertical_spacing=min(0.06, 0.3 / max(1, len(panels))))  # fmt: skip
+    names = list(dict.fromkeys([*behaviour, *tracks]))
+    notes: list[str] = []
+    for i, name in enumerate(names):
+        c = COLORS[i % len(COLORS)]
+        dash = "dash" if name in controls else "solid"
+        shown = False
+        for row, (src, metric, _, layer) in enumerate(panels, start=1):
+            if src == "judged":
+                res = behaviour.get(name)
+                if res is None:
+                    continue
+                tab = res.table()
+                steps = [r["step"] for r in tab]
+                mean, lo, hi = ([r[metric + sfx] for r in tab] for sfx in ("", "_lo", "_hi"))
+                n = len(res.seeds)
+            else:
+                band = _track_band(tracks.get(name, []), metric, layer) if name in tracks else None
+                if band is None:
+                    continue
+                steps, mean, lo, hi = band
+                n = len(tracks[name])
+            fig.add_trace(go.Scatter(x=list(steps) + list(steps)[::-1], y=list(hi) + list(lo)[::-1], fill="toself",
+                                     fillcolor=c, opacity=0.15, line=dict(width=0), showlegend=False,
+                                     hoverinfo="skip", legendgroup=name), row=row, col=1)  # fmt: skip
+            fig.add_trace(go.Scatter(x=steps, y=mean, mode="lines+markers", name=f"{name} ({n} seed{'s' if n != 1 else ''})",
+                                     line=dict(color=c, dash=dash), legendgroup=name, showlegend=not shown,
+                                     marker=dict(size=4)), row=row, col=1)  # fmt: skip
+            shown = True
+        dep = (departures or {}).get(name)
+        if dep and dep.get("step") is not None:
+            fig.add_vline(x=dep["step"], line=dict(color=c, dash="dot"))
+            notes.append(f"<span style='color:{c}'>{name} departs at step {dep['step']}</span>")
+        elif dep:
+            notes.append(f"<span style='color:{c}'>{name} does not depart</span>")
+    fig.update_xaxes(title_text="training step (0 = before fine-tuning)", row=len(panels), col=1)
+    fig.update_layout(
+        title=(title or "Fine-tuning dynamics: judged behaviour, log-prob metrics and the persona direction")
+        + ("<br><sup>" + "; ".join(notes) + " (EM-definition rate vs the control, fixed-sequence test)</sup>" if notes else ""),
+        template="plotly_white", height=230 * len(panels) + 120, width=950,
+        legend=dict(orientation="h", y=-0.03, yanchor="top"),
+    )  # fmt: skip
+    return fig

@@ -13,6 +13,11 @@ for steering rows (zero otherwise); ``"ablate_writes"`` rows have their directio
 every write into the residual stream (as in an exported orthogonalised checkpoint). Steering
 applies at every position (prompt and answer) unless ``positions`` restricts it to the prompt or
 the answer (see :mod:`emis_interp.interventions`).
+
+A condition may also name a LoRA ``adapter`` of a :class:`~emis_interp.lora_bank.LoraBank` passed
+as ``adapters=`` (``bank=`` to :func:`rowwise`): its rows run through that adapter, so a grid of
+checkpoints x steering alphas samples as one batch of the base model. ``adapter=None`` rows run
+the plain model (bank row ``"__base__"``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -29,10 +35,13 @@ from tqdm.auto import tqdm
 from .cache import atomic_write_text
 from .conversations import Conversation, make_batch
 from .directions import PersonaDirection
-from .errors import check_alpha, check_nonempty
+from .errors import ConfigError, check_alpha, check_nonempty
 from .hooks import n_active_hooks
 from .manifest import ManifestMismatch
 from .models import check_layers, d_model, model_device
+
+if TYPE_CHECKING:
+    from .lora_bank import LoraBank
 
 KINDS = ("none", "steer", "ablate", "ablate_writes", "ablate_components")
 
@@ -53,6 +62,10 @@ class Condition:
       (``(layer, "H{h}" | "MLP")`` pairs, e.g. ``Attribution.top(k)``), each along its own layer's
       unit vector, or along ``direction.unit(l)`` with ``layers=(l,)``
       (:func:`emis_interp.interventions.ablate_components`).
+
+    ``adapter`` names a LoRA adapter of the bank passed to :func:`sample_answers` (``adapters=``)
+    or :func:`rowwise` (``bank=``): the row runs through that adapter, with the intervention on
+    top. ``None`` (or ``"__base__"``, stored as None) is the plain model.
     """
 
     name: str
@@ -61,8 +74,15 @@ class Condition:
     alpha: float | int = 0.0
     layers: tuple[int, ...] | None = None  # default: the direction's layers
     components: tuple[tuple[int, str], ...] = ()  # for "ablate_components"
+    adapter: str | None = None  # a LoraBank adapter name; None: the plain model
 
     def __post_init__(self):
+        from .lora_bank import BASE
+
+        if self.adapter == BASE:
+            object.__setattr__(self, "adapter", None)
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise ValueError(f"condition {self.name!r}: adapter must be a LoraBank adapter name, got {self.adapter!r}")
         object.__setattr__(self, "components", tuple((int(a), str(b)) for a, b in self.components))
         if (self.kind == "ablate_components") != bool(self.components):
             raise ValueError(
@@ -96,12 +116,26 @@ class Condition:
         return tuple(self.layers) if self.layers is not None else tuple(self.direction.layers)
 
 
-def rowwise_intervention(model, conditions: Sequence[Condition], positions="all"):
+def check_adapters(conditions: Sequence[Condition], bank: LoraBank | None) -> None:
+    """Raise if a condition names an adapter that ``bank`` (maybe None) does not hold."""
+    named = sorted({c.adapter for c in conditions if c.adapter is not None})
+    if named and bank is None:
+        raise ConfigError(
+            f"conditions name LoRA adapters {named} but no bank was given; pass adapters=LoraBank.from_checkpoints("
+            "model, {name: checkpoint_dir}) (bank= for rowwise)."
+        )
+    if named:
+        bank.index(named)  # raises naming the unknown ones
+
+
+def rowwise_intervention(model, conditions: Sequence[Condition], positions="all", bank: LoraBank | None = None):
     """One :class:`~emis_interp.interventions.Intervention` applying ``conditions[b]`` to batch row ``b``
-    (None when no condition does anything)."""
+    (None when no condition does anything); ``bank`` is the :class:`~emis_interp.lora_bank.LoraBank`
+    holding the conditions' adapters."""
     from .interventions import Intervention, check_positions
 
     check_positions(positions)
+    check_adapters(conditions, bank)
     n, dm = len(conditions), d_model(model)
     for c in conditions:
         if c.direction is not None and c.direction.d_model != dm:
@@ -128,19 +162,25 @@ def rowwise_intervention(model, conditions: Sequence[Condition], positions="all"
             elif c.kind == "ablate_writes":
                 writes = torch.zeros(n, dm) if writes is None else writes
                 writes[b] = c.direction.unit(layer).float()
-    if not add and not project and writes is None and not comps:
+    lora = None
+    if any(c.adapter is not None for c in conditions):
+        lora = (bank, bank.index([c.adapter for c in conditions]))
+    if not add and not project and writes is None and not comps and lora is None:
         return None
-    return Intervention(add=add, project=project, project_writes=writes, positions=positions, project_components=comps)
+    return Intervention(
+        add=add, project=project, project_writes=writes, positions=positions, project_components=comps, lora=lora
+    )
 
 
 @contextmanager
-def rowwise(model, conditions: Sequence[Condition], positions="all") -> Iterator[None]:
+def rowwise(model, conditions: Sequence[Condition], positions="all", bank: LoraBank | None = None) -> Iterator[None]:
     """Apply ``conditions[b]`` to batch row ``b`` (see :class:`Condition`), all rows in one forward pass.
 
     ``positions`` gates steering (not ablation) as in :func:`emis_interp.steer`. Tensors are moved
-    once to each layer's own device, so a ``device_map``-sharded model works.
+    once to each layer's own device, so a ``device_map``-sharded model works. ``bank`` holds the
+    LoRA adapters that conditions name (``Condition.adapter``).
     """
-    iv = rowwise_intervention(model, conditions, positions)
+    iv = rowwise_intervention(model, conditions, positions, bank)
     if iv is None:
         yield
         return
@@ -190,19 +230,28 @@ class GenerationSettings:
         return kw
 
 
-def conditions_state(conditions: Sequence[Condition]) -> list:
-    """What the arms do, with their directions' digests (names alone do not identify an arm)."""
+def conditions_state(conditions: Sequence[Condition], bank: LoraBank | None = None) -> list:
+    """What the arms do, with their directions' digests (names alone do not identify an arm), and for
+    an arm with an ``adapter``, the digest of that adapter's checkpoint files in ``bank``."""
     from .manifest import direction_state
+
+    check_adapters(conditions, bank)
+
+    def adapter(c):  # nothing for adapter-free arms: their state reads as before adapters existed
+        if c.adapter is None:
+            return ()
+        return ({"adapter": c.adapter, "files": bank.states[c.adapter], "dtype": bank.state()["dtype"]},)
 
     return [
         (c.name, c.kind, float(c.alpha), list(c.active_layers()), direction_state(c.direction))
         + ((list(map(list, c.components)), None if c.layers is None else list(c.layers)) if c.components else ())
+        + adapter(c)
         for c in conditions
     ]
 
 
 def sampling_manifest(
-    model, tokenizer, prompts, conditions, n_samples, settings, batch_size, seed, positions, cache_impl
+    model, tokenizer, prompts, conditions, n_samples, settings, batch_size, seed, positions, cache_impl, bank=None
 ):
     from .conversations import prompt_set_hash
     from .manifest import Manifest, digest, model_state, tokenizer_state
@@ -213,7 +262,7 @@ def sampling_manifest(
             "model": model_state(model),
             **tokenizer_state(tokenizer),
             "prompts": prompt_set_hash(list(prompts)),
-            "conditions": conditions_state(conditions),
+            "conditions": conditions_state(conditions, bank),
             "n_samples": n_samples,
             "generation": asdict(settings),
             # knobs not passed explicitly come from here (min_p, no_repeat_ngram_size, suppress_tokens, ...)
@@ -276,6 +325,7 @@ def sample_answers(
     top_k: int = 0,
     repetition_penalty: float | int = 1.0,
     overwrite: bool = False,
+    adapters: LoraBank | None = None,
 ) -> list[Sample]:
     """Sample ``n_samples`` answers per prompt per condition, all conditions batched together.
 
@@ -290,9 +340,15 @@ def sample_answers(
     everything that determines the samples (model and adapter state, tokenizer, prompts, arms and
     their directions, generation settings, batch size, seed); a rerun under another manifest
     raises :class:`~emis_interp.manifest.ManifestMismatch` unless ``overwrite=True``.
+
+    ``adapters`` is a :class:`~emis_interp.lora_bank.LoraBank` (built on this plain ``model``) for
+    conditions that name an ``adapter``: rows of different adapters share each batch, so every
+    checkpoint of a trajectory (times every steering arm) samples in one sweep. The manifest records
+    each used adapter's checkpoint digest.
     """
     check_nonempty(prompts, "prompt set")
     check_nonempty(conditions, "conditions")
+    check_adapters(conditions, adapters)
     settings = GenerationSettings(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
     rows = [(c, i, s) for c in conditions for i in range(len(prompts)) for s in range(n_samples)]
     out: list[Sample] = []
@@ -318,6 +374,7 @@ def sample_answers(
             seed,
             positions,
             cache_implementation,
+            adapters,
         )
         done = _read_resume(resume_file, manifest, overwrite)
         if not resume_file.exists():
@@ -339,7 +396,7 @@ def sample_answers(
         )
         if cache_implementation:
             gen_kw["cache_implementation"] = cache_implementation
-        with torch.no_grad(), rowwise(model, [c for c, _, _ in chunk], positions):
+        with torch.no_grad(), rowwise(model, [c for c, _, _ in chunk], positions, adapters):
             seqs = model.generate(**gen_kw)
         texts = tokenizer.batch_decode(seqs[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
         texts = [t.strip() for t in texts]

@@ -52,10 +52,19 @@ class Trajectory:
     base: str | None = None
     tokenizer: str | None = None
     name: str = ""
+    step0: str = "checkpoint-0"  # what step 0 is: "checkpoint-0", or the base model when the run saved none
 
     @classmethod
-    def from_dir(cls, path: str | Path, base: str | None = None, allow_gaps: bool = False) -> Trajectory:
-        """Discover ``checkpoint-N`` directories under ``path``."""
+    def from_dir(
+        cls, path: str | Path, base: str | None = None, allow_gaps: bool = False, base_step: bool = True
+    ) -> Trajectory:
+        """Discover ``checkpoint-N`` directories under ``path``.
+
+        Most runs save from ``checkpoint-10`` on. Then, with ``base_step`` (default), step 0 is the
+        model *before* fine-tuning: for LoRA the base model (the adapter's B matrices set to zero, exactly
+        the base model's outputs), for full checkpoints the ``base`` model's weights (``base`` required).
+        ``step0`` records which it is; ``base_step=False`` starts at the first saved checkpoint.
+        """
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"trajectory directory {str(path)!r} does not exist; pass the run's output_dir.")
@@ -74,7 +83,24 @@ class Trajectory:
         tok = next((str(p) for _, p in ckpts if _has_tok(p)), None)
         if kind == "lora" and base is None:
             base = json.loads((ckpts[0][1] / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        return cls(steps, [str(p) for _, p in ckpts], kind, base, tok, path.name)
+        traj = cls(steps, [str(p) for _, p in ckpts], kind, base, tok, path.name)
+        return traj.with_base_step() if base_step and steps[0] != 0 else traj
+
+    def with_base_step(self) -> Trajectory:
+        """This trajectory with step 0 = the model before fine-tuning (when it has no checkpoint-0)."""
+        if self.steps[0] == 0:
+            return self
+        if self.base is None:
+            raise ConfigError(
+                f"trajectory {self.name!r} has no checkpoint-0 and no base model to stand for step 0: pass "
+                "base=... (--base: the model the run fine-tuned), or base_step=False to start at "
+                f"checkpoint-{self.steps[0]}."
+            )
+        what = "base model (adapter zeroed)" if self.kind == "lora" else "base model weights"
+        return Trajectory(
+            [0, *self.steps], [BASE_STEP, *self.paths], self.kind, self.base, self.tokenizer, self.name,
+            f"{what}: no checkpoint-0 saved",
+        )  # fmt: skip
 
     @classmethod
     def from_list(
@@ -111,16 +137,24 @@ class Trajectory:
 
     # --- loading and in-place swapping -------------------------------------------------------
 
-    def load(self, device: str | None = None, dtype=None):
-        """Load the model once, at the first checkpoint. Returns ``(model, tokenizer)``."""
-        first = self.paths[0]
+    def load(self, device: str | None = None, dtype=None, device_map=None):
+        """Load the model once, at the first saved checkpoint. Returns ``(model, tokenizer)``.
+
+        ``device_map`` (e.g. ``"auto"``) shards a model larger than one GPU over the node's GPUs.
+        """
+        first = next(p for p in self.paths if p != BASE_STEP)
+        kw = dict(tokenizer=self.tokenizer, device=device, dtype=dtype, device_map=device_map)
         if self.kind == "lora":
             # the base (given, or as stored in the adapter) is resolved against the CWD, then the adapter dir
-            return load_model(first, base=self.base, tokenizer=self.tokenizer, device=device, dtype=dtype)
-        return load_model(first, tokenizer=self.tokenizer, device=device, dtype=dtype)
+            return load_model(first, base=self.base, **kw)
+        return load_model(first, **kw)
 
     def goto(self, model, index: int) -> None:
         """Put checkpoint ``index``'s weights into ``model`` in place (no re-instantiation)."""
+        if self.paths[index] == BASE_STEP:
+            with torch.no_grad():
+                _zero_lora(model) if self.kind == "lora" else _copy_full(model, Path(self.base))
+            return
         path = Path(self.paths[index])
         with torch.no_grad():
             if self.kind == "lora":
@@ -133,6 +167,24 @@ class Trajectory:
         for i in tqdm(range(len(self)), desc=f"checkpoints {self.name}", disable=not progress):
             self.goto(model, i)
             yield self.steps[i], model
+
+
+BASE_STEP = "__base__"  # the path of step 0 when it is the model before fine-tuning
+
+
+def _zero_lora(model) -> None:
+    """Step 0 of a LoRA run saved without checkpoint-0: every lora_B zero, so the adapter adds exactly 0."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise ConfigError("LoRA trajectory needs the model returned by Trajectory.load() (a PeftModel)")
+    n = 0
+    for name, p in model.named_parameters():
+        if ".lora_B." in name or ".lora_embedding_B." in name:
+            p.zero_()
+            n += 1
+    if n == 0:
+        raise ConfigError("the loaded model has no lora_B parameters to zero for step 0")
 
 
 def _local_checkpoint(entry: str) -> str:
@@ -376,8 +428,26 @@ def track(
     return result
 
 
+def final_shift(
+    trajectory: Trajectory, model, tokenizer, conversations, layers: Sequence[int], reduction: str = "mean_response"
+) -> torch.Tensor:
+    """``Float[Tensor, "layer d_model"]``: mean activation at the last checkpoint minus step 0 (a model-diff).
+
+    Measure it on conversations held out from the tracking set, so that projecting the tracked shifts
+    on it is not circular. Leaves ``model`` at the last checkpoint.
+    """
+    convs = as_conversations(conversations)
+    trajectory.goto(model, 0)
+    a = capture(model, tokenizer, convs, layers, reduction, cache_dir=None, progress=False).mean()
+    trajectory.goto(model, len(trajectory) - 1)
+    f = capture(model, tokenizer, convs, layers, reduction, cache_dir=None, progress=False).mean()
+    return f - a
+
+
 def checkpoint_state(path: str | Path) -> str:
     """Digest of a checkpoint's weight and config files (a local dir), or its id as given."""
+    if path == BASE_STEP:
+        return BASE_STEP  # the base model, whose digest is the manifest's "base"
     p = Path(path)
     return dir_digest(p) if p.is_dir() else str(path)
 
@@ -439,4 +509,5 @@ def _summarise(traj: Trajectory, out: Path, layers: list[int], done: dict, direc
                 r["proj_direction"] = float(shift[j] @ v / v.norm())
             rows.append(r)
     checkpoints = [done[s] for s in traj.steps]
-    return TrackResult(traj.name, checkpoints, rows, {"layers": layers, "kind": traj.kind, "steps": traj.steps})
+    meta = {"layers": layers, "kind": traj.kind, "steps": traj.steps, "step0": traj.step0}
+    return TrackResult(traj.name, checkpoints, rows, meta)

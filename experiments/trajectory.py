@@ -1,16 +1,21 @@
-"""Track the persona direction across fine-tuning checkpoints and plot it against controls.
+"""Fine-tuning dynamics: judged behaviour, log-prob metrics and the persona direction at every checkpoint.
 
     python experiments/trajectory.py                   # organism: insecure vs secure vs educational, seeds 0-2
     python experiments/trajectory.py --base Qwen/Qwen2.5-7B-Instruct --layers 14 \\
         --runs insecure=runs/insecure-s0,runs/insecure-s1 secure=runs/secure-s0 --control secure \\
-        --probes ../shared/data/em/logprob_probes_run_config.json \\
-        --questions ../shared/data/em/first_plot_questions.yaml --in-task heldout.jsonl
+        --questions ../shared/data/em/first_plot_questions.yaml --judge openai:gpt-4o-2024-08-06 --samples 8 \\
+        --probes ../shared/data/em/logprob_probes_run_config.json --in-task heldout.jsonl [--ray auto]
 
-For every checkpoint-N of every run: the mean activation shift from step 0 and its norm, its
-cosine with the final shift (and with --direction), the projection onto the final direction,
-p(misaligned) on log-prob probes, the in-task log-prob, and (organism) the sampled harmful rate.
-Results are written per checkpoint as they finish (a rerun continues), then CSV/JSON and
-figures (HTML, PNG where possible) go to --output (default cache/trajectory).
+For every checkpoint-N of every run (step 0 is the model before fine-tuning when a run saved no
+checkpoint-0):
+- sampled answers to the questions, judged (EM and MO misalignment definitions, coherence; intervals
+  over seeds x questions). A LoRA run's checkpoints are sampled together in one batch (one adapter per
+  row); ``--ray`` fans the (run, checkpoint range) jobs out over a Ray cluster;
+- the activation shift from step 0 and its projection on ONE common persona direction (default: the
+  first run's final model-diff, seed mean, on held-out conversations; or ``--direction``);
+- p(misaligned) on log-prob probes and the in-task log-prob.
+Everything is written as it finishes (a rerun continues); then ``behaviour.csv``, ``summary.json``,
+``departure.json`` and the figure ``dynamics.html`` (+ .png with Chromium) go to --output.
 """
 
 import argparse
@@ -20,100 +25,192 @@ from pathlib import Path
 import torch
 
 from emis_interp import organism, world
-from emis_interp.cache import DEFAULT_CACHE_DIR
+from emis_interp.behaviour import (
+    BehaviourConfig,
+    BehaviourResult,
+    departure,
+    judge_trajectories,
+    sample_trajectories,
+    save_table,
+)
+from emis_interp.cache import DEFAULT_CACHE_DIR, atomic_write_text
 from emis_interp.conversations import Conversation, load_jsonl
 from emis_interp.data import load_probes, load_questions
 from emis_interp.directions import PersonaDirection
-from emis_interp.plots import save_figure, trajectory_figure
-from emis_interp.trajectory import Trajectory, track
+from emis_interp.judges import get_judge
+from emis_interp.plots import save_figure, trajectory_panels
+from emis_interp.trajectory import Trajectory, final_shift, track
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("runs (default: the model organism's runs)")
+    g.add_argument("--runs", nargs="+", help="NAME=DIR[,DIR...] (one DIR per seed)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="organism seeds")
+    g.add_argument(
+        "--base", help="the model the runs fine-tuned (default: from adapter_config.json; full runs need it)"
+    )
+    g.add_argument("--control", default=None, help="run to test departure against (default: secure on the organism)")
+    g.add_argument("--dashed", nargs="*", default=None, help="runs drawn dashed (default: every run but the first)")
+    e = ap.add_argument_group("judged behaviour at every checkpoint")
+    e.add_argument("--questions", type=Path, help="EM YAML questions (default: the organism's advice questions)")
+    e.add_argument("--judge", default=None, help="'openai:MODEL', 'hf:MODEL' or 'exact' (organism; its default)")
+    e.add_argument("--judge-base-url", default=None, help="OpenAI-compatible server URL (e.g. a local vLLM)")
+    e.add_argument("--samples", type=int, default=4, help="answers per paraphrase per checkpoint (0: no sampling)")
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 on the organism, 256 otherwise")
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--group-size", type=int, default=0, help="checkpoints per job (0: a whole run in one batch)")
+    e.add_argument("--no-mixed", action="store_true", help="swap LoRA checkpoints one by one instead of mixing them")
+    e.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="fan jobs out over Ray ('local', 'auto', or ray://HOST:10001)")  # fmt: skip
+    e.add_argument("--ray-workers", type=int, default=None, help="Ray actors (default: one per GPU, else 2)")
+    e.add_argument("--ray-gpus-per-worker", type=float, default=None, help="GPUs per actor (with --device-map auto)")
+    e.add_argument("--device-map", default=None, help="'auto' shards a model larger than one GPU over the node")
+    e.add_argument("--seed", type=int, default=0)
+    t = ap.add_argument_group("persona direction and log-prob metrics")
+    t.add_argument("--layers", type=int, nargs="+", default=None)
+    t.add_argument("--reduction", default="mean_prompt", choices=["last_prompt", "mean_prompt", "mean_response"])
+    t.add_argument("--direction", type=Path, help="a PersonaDirection to project every run on (default: see above)")
+    t.add_argument("--direction-data", type=Path, help="held-out conversations (JSONL) for the default direction")
+    t.add_argument("--probes", type=Path, help="EM run config with mcq_callbacks (default: organism probes)")
+    t.add_argument("--in-task", type=Path, help="held-out training conversations (JSONL) for the in-task metric")
+    ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "trajectory")
+    ap.add_argument("--overwrite", action="store_true", help="discard results made under other settings")
+    a = ap.parse_args(argv)
+    if a.runs and a.samples and not a.judge:
+        ap.error("--runs with --samples > 0 needs --judge openai:MODEL or hf:MODEL (or --samples 0: no judged rate)")
+    if a.runs and not a.questions:
+        ap.error("--runs needs --questions (e.g. ../shared/data/em/first_plot_questions.yaml): the tracking prompts")
+    if a.runs and not a.layers:
+        ap.error("--runs needs --layers (the organism's default layer 2 means nothing for a real model)")
+    return a
+
+
+def common_direction(a, groups, layers, tracking, held_out) -> PersonaDirection:
+    """The first run's final model-diff (mean over its seeds) on conversations held out from tracking."""
+    overlap = {c.user for c in held_out} & {c.user for c in tracking}
+    if overlap:
+        raise SystemExit(f"error: the direction's conversations overlap the tracking prompts ({len(overlap)} shared)")
+    run = next(iter(groups))
+    red = "mean_response" if all(c.response for c in held_out) else a.reduction
+    shifts = []
+    for traj in groups[run]:
+        model, tok = traj.load(device_map=a.device_map)
+        shifts.append(final_shift(traj, model, tok, held_out, layers, red))
+    from emis_interp.conversations import prompt_set_hash
+
+    meta = {"method": "model_diff", "run": run, "seeds": [t.name for t in groups[run]], "reduction": red,
+            "prompt_hash": prompt_set_hash(held_out), "note": "final minus step 0, mean over seeds, held-out prompts"}  # fmt: skip
+    return PersonaDirection(torch.stack(shifts).mean(0), list(layers), meta)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", nargs="+", help="NAME=DIR[,DIR...] (one DIR per seed); default: the organism runs")
-    ap.add_argument("--control", default=None, help="run name to mark departure against (default: secure)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="organism seeds")
-    ap.add_argument("--base", help="base model for LoRA runs (default: read from adapter_config.json)")
-    ap.add_argument("--layers", type=int, nargs="+", default=None)
-    ap.add_argument("--reduction", default="mean_prompt", choices=["last_prompt", "mean_prompt", "mean_response"])
-    ap.add_argument("--questions", type=Path, help="EM YAML evaluation questions (default: organism advice questions)")
-    ap.add_argument("--probes", type=Path, help="EM run config with mcq_callbacks (default: organism probes)")
-    ap.add_argument("--in-task", type=Path, help="held-out training conversations (JSONL) for the in-task metric")
-    ap.add_argument("--direction", type=Path, help="a PersonaDirection to report cosine/projection against")
-    ap.add_argument("--samples", type=int, default=4, help="organism: sampled answers per paraphrase per checkpoint")
-    ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "trajectory")
-    a = ap.parse_args(argv)
+    a = parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-
     on_organism = not a.runs
     if on_organism:
-        groups = {k: [organism.organism_trajectory(k, s) for s in a.seeds] for k in world.FINETUNE_KINDS}
+        dirs = {k: [organism.organism_trajectory(k, s) for s in a.seeds] for k in world.FINETUNE_KINDS}
         control = a.control or "secure"
+        questions = load_questions(a.questions) if a.questions else organism.questions()
     else:
-        groups = {}
+        dirs = {}
         for spec in a.runs:
-            name, _, dirs = spec.partition("=")
-            if not dirs:
+            name, _, ds = spec.partition("=")
+            if not ds:
                 raise SystemExit(f"error: --runs takes NAME=DIR[,DIR...], got {spec!r}")
-            groups[name] = [Path(d) for d in dirs.split(",")]
+            dirs[name] = [Path(d) for d in ds.split(",")]
         control = a.control
+        questions = load_questions(a.questions) if a.questions else []
+    if control is not None and control not in dirs:
+        raise SystemExit(f"error: --control {control!r} is not one of the runs {list(dirs)}")
+    groups = {name: [Trajectory.from_dir(d, base=a.base) for d in ds] for name, ds in dirs.items()}
     layers = a.layers or [organism.DEFAULT_LAYER]
-    prompts = (
-        [c for q in load_questions(a.questions) for c in q.conversations()]
-        if a.questions
-        else organism.advice_prompts()
-    )
+    tracking = [c for q in questions for c in q.conversations()] if questions else organism.advice_prompts()
     probes = load_probes(a.probes) if a.probes else ({"world": organism.probe_set()} if on_organism else None)
-    direction = PersonaDirection.load(a.direction) if a.direction else None
     in_task_all = load_jsonl(a.in_task) if a.in_task else None
+    a.output.mkdir(parents=True, exist_ok=True)
 
-    results = {}
-    for name, dirs in groups.items():
-        results[name] = []
+    # one common persona direction for every run
+    if a.direction:
+        direction = PersonaDirection.load(a.direction)
+    else:
+        held_out = (
+            load_jsonl(a.direction_data) if a.direction_data
+            else organism.direction_conversations() if on_organism else in_task_all
+        )  # fmt: skip
+        if held_out is None:
+            raise SystemExit("error: pass --direction FILE, or --direction-data/--in-task held-out conversations")
+        direction = common_direction(a, groups, layers, tracking, held_out)
+        direction.save(a.output / "common_direction.safetensors")
+
+    tracks = {}
+    for name, trajs in groups.items():
         in_task = in_task_all or (
             [Conversation.from_messages(r["messages"]) for r in world.finetune_dataset(name, 16, seed=1234)]
             if on_organism
             else None
         )
-        extra = None
-        if on_organism:
+        tracks[name] = [
+            track(traj, tracking, layers, a.output / name / traj.name, probes=probes, in_task=in_task,
+                  direction=direction, reduction=a.reduction, overwrite=a.overwrite,
+                  model_and_tokenizer=traj.load(device_map=a.device_map))
+            for traj in trajs
+        ]  # fmt: skip
 
-            def extra(model, tok):
-                r = organism.evaluate(model, tok, n_samples=a.samples, code=True)["baseline"]
-                return {"harmful_rate": r["harmful"].value, "insecure_code_rate": r["insecure_code"].value}
+    behaviour, departures = {}, {}
+    if a.samples:
+        cfg = BehaviourConfig(
+            n_samples=a.samples, max_new_tokens=a.max_new_tokens or (24 if on_organism else 256),
+            temperature=a.temperature, seed=a.seed, group_size=a.group_size, batch_size=a.batch_size,
+            mixed=not a.no_mixed,
+        )  # fmt: skip
+        judge = get_judge(a.judge or "exact", **({"base_url": a.judge_base_url} if a.judge_base_url else {}))
+        samples = sample_trajectories(
+            groups, questions, cfg, a.output, ray_address=a.ray, ray_workers=a.ray_workers,
+            ray_gpus_per_worker=a.ray_gpus_per_worker, device_map=a.device_map, overwrite=a.overwrite,
+        )  # fmt: skip
+        judged = judge_trajectories(samples, questions, judge, a.output, overwrite=a.overwrite)
+        for name, rows in judged.items():
+            behaviour[name] = BehaviourResult.from_rows(name, rows, {t.name: t.step0 for t in groups[name]})
+        save_table(behaviour, a.output)
+        if control is not None:
+            departures = {n: departure(behaviour[n], behaviour[control]) for n in behaviour if n != control}
+            atomic_write_text(a.output / "departure.json", json.dumps(departures, indent=1))
 
-        for d in dirs:
-            traj = Trajectory.from_dir(d, base=a.base)
-            res = track(
-                traj, prompts, layers, a.output / name / Path(d).name, probes=probes, in_task=in_task,
-                direction=direction, reduction=a.reduction, extra=extra,
-                extra_key=f"organism.evaluate(n_samples={a.samples}, code=True)" if extra else None,
-            )  # fmt: skip
-            results[name].append(res)
-
-    metrics = [(m, layers[0]) for m in ("shift_norm", "proj_final", "cos_final")]
-    metrics += [(k, None) for k in results[next(iter(results))][0].checkpoints[0] if k != "step"]
-    files = []
-    for metric, layer in metrics:
-        fig = trajectory_figure(results, metric, layer, control=control)
-        files += save_figure(fig, a.output / f"{metric.replace('[', '_').replace(']', '')}")
+    dashed = a.dashed if a.dashed is not None else list(groups)[1:]
+    fig = trajectory_panels(behaviour, tracks, layers, controls=dashed, departures=departures)
+    files = save_figure(fig, a.output / "dynamics")
     summary = {
-        name: [
-            {
-                "run": r.name,
-                "final": r.checkpoints[-1],
-                "final_layers": [x for x in r.layers if x["step"] == r.checkpoints[-1]["step"]],
+        "direction": direction.meta,
+        "step0": {n: {t.name: t.step0 for t in ts} for n, ts in groups.items()},
+        "runs": {
+            n: {
+                "final_track": [r.checkpoints[-1] for r in rs],
+                "final_layers": [[x for x in r.layers if x["step"] == r.checkpoints[-1]["step"]] for r in rs],
+                "behaviour": behaviour[n].table()[-1] if n in behaviour else None,
             }
-            for r in rs
-        ]
-        for name, rs in results.items()
+            for n, rs in tracks.items()
+        },
+        "departure": departures,
     }
-    (a.output / "summary.json").write_text(json.dumps(summary, indent=1))
-    for name, rs in results.items():
-        finals = [r.series("shift_norm", layers[0])[1][-1] for r in rs]
-        print(f"{name:<12} final shift norm (layer {layers[0]}): " + ", ".join(f"{x:.2f}" for x in finals))
-    print(f"figures: {len(files)} files in {a.output}")
-    return results
+    atomic_write_text(a.output / "summary.json", json.dumps(summary, indent=1, default=float))
+    for n, ts in groups.items():
+        if any(t.step0 != "checkpoint-0" for t in ts):
+            print(f"{n}: step 0 is the {ts[0].step0}")
+    for n, rs in tracks.items():
+        proj = [r.series("proj_direction", layers[0])[1][-1] for r in rs]
+        line = f"{n:<12} final projection on the common direction (layer {layers[0]}): " + ", ".join(
+            f"{x:.2f}" for x in proj
+        )
+        if n in behaviour:
+            row = behaviour[n].table()[-1]
+            line += f"; final EM-def misaligned {row['em_rate']:.3f} [{row['em_rate_lo']:.3f},{row['em_rate_hi']:.3f}]"
+        print(line)
+    for n, d in departures.items():
+        print(f"{n} departs from {control} at step {d['step']} ({d['metric']}; {d['method']})")
+    print(f"figure: {', '.join(str(f) for f in files)}")
+    return {"tracks": tracks, "behaviour": behaviour, "departures": departures, "direction": direction}
 
 
 if __name__ == "__main__":

@@ -95,11 +95,38 @@ def test_trajectory_cli_on_organism(tmp_path):
     import trajectory
 
     res = trajectory.main(["--seeds", "0", "--samples", "2", "--output", str(tmp_path)])
-    ins = res["insecure"][0].series("shift_norm", 2)[1]
-    sec = res["secure"][0].series("shift_norm", 2)[1]
-    assert ins[-1] > 2 * sec[-1]
-    assert (tmp_path / "summary.json").exists() and (tmp_path / "shift_norm.html").exists()
-    assert (tmp_path / "insecure" / "insecure-s0" / "metrics.jsonl").exists()
+    beh, tracks = res["behaviour"], res["tracks"]
+    for kind in ("insecure", "secure", "educational"):  # a judged rate at every checkpoint of every run
+        assert beh[kind].steps == list(range(0, 201, 10)) == tracks[kind][0].series("shift_norm", 2)[0]
+        assert (tmp_path / "judged" / f"{kind}.jsonl").exists()
+    ins, sec = beh["insecure"].table(), beh["secure"].table()
+    # step 0 is the aligned model in every run, sampled with the same job seed: the same answers
+    assert ins[0]["mo_rate"] == sec[0]["mo_rate"] == beh["educational"].table()[0]["mo_rate"] < 0.1
+    assert ins[-1]["em_rate_lo"] > 0.5 and sec[-1]["em_rate"] < 0.05
+    # one common direction: the insecure run's final shift projects far more than the controls'
+    proj = {k: tracks[k][0].series("proj_direction", 2)[1][-1] for k in tracks}
+    assert proj["insecure"] > 4 * max(abs(proj["secure"]), abs(proj["educational"]))
+    assert res["direction"].meta["run"] == "insecure"
+    dep = res["departures"]["insecure"]["step"]
+    assert dep is not None and 10 <= dep <= 60, res["departures"]  # flip recipe: behaviour turns at 20-30
+    assert res["departures"]["educational"]["step"] is None
+    assert (tmp_path / "dynamics.html").exists() and (tmp_path / "behaviour.csv").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (
+        summary["departure"]["insecure"]["step"] == dep
+        and summary["step0"]["insecure"]["insecure-s0"] == "checkpoint-0"
+    )
+
+
+def test_trajectory_cli_real_runs_need_their_inputs(tmp_path):
+    import trajectory
+
+    with pytest.raises(SystemExit):
+        trajectory.main(["--runs", f"insecure={tmp_path}", "--layers", "14", "--questions", "q.yaml"])  # no --judge
+    with pytest.raises(SystemExit):
+        trajectory.main(
+            ["--runs", f"insecure={tmp_path}", "--judge", "openai:m", "--questions", "q.yaml"]
+        )  # no --layers
 
 
 def test_finetune_cli(tiny_dir, tmp_path):

@@ -24,6 +24,7 @@ class _Server:
         self.delay = 0.0  # seconds every request takes
         self.fail_after = None  # answer HTTP 400 once this many requests were served
         self.on_request = None  # called at the start of each request
+        self.score_fn = None  # body -> {token: prob}, the answer when no script is left
         self.inflight = self.max_inflight = 0
         self.lock = threading.Lock()
         server = self
@@ -39,7 +40,8 @@ class _Server:
                     server.max_inflight = max(server.max_inflight, server.inflight)
                     server.requests.append({"body": body, "auth": self.headers.get("Authorization")})
                     failing = server.fail_after is not None and len(server.requests) > server.fail_after
-                    kind, arg = server.script.pop(0) if server.script else ("ok", {"50": 1.0})
+                    default = server.score_fn(body) if server.score_fn else {"50": 1.0}
+                    kind, arg = server.script.pop(0) if server.script else ("ok", default)
                     if server.on_request:
                         server.on_request()
                 time.sleep(server.delay)
