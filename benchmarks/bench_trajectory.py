@@ -37,7 +37,7 @@ def main():
     print(f"device: {device_name()}")
     full = Trajectory.from_dir(organism.organism_trajectory("insecure", 0))
     n = min(a.checkpoints, len(full))
-    traj = Trajectory(full.steps[:n], full.paths[:n], full.kind, full.base, full.tokenizer, full.name)
+    traj = full.subset(range(n))
     model, tok = traj.load()
     prompts, probes = organism.advice_prompts(), organism.probe_set()
     in_task = [Conversation.from_messages(r["messages"]) for r in world.finetune_dataset("insecure", 16, seed=1234)]

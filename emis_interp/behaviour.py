@@ -78,8 +78,9 @@ class Job:
         s = self.steps
         return Path(out_dir) / "samples" / self.run / self.trajectory.name / f"steps-{s[0]}-{s[-1]}.jsonl"
 
-    def seed(self, cfg: BehaviourConfig) -> int:  # a job's own seed: the same answers whoever samples it
-        return int(digest([cfg.seed, self.steps], n=8), 16) % (2**31)
+    def seed(self, cfg: BehaviourConfig) -> int:
+        """The job's own seed: the same answers whoever samples it, independent noise across runs and seeds."""
+        return int(digest([cfg.seed, self.run, self.trajectory.name, self.steps], n=8), 16) % (2**31)
 
 
 def make_jobs(runs: Mapping[str, Sequence[Trajectory]], cfg: BehaviourConfig) -> list[Job]:
@@ -142,11 +143,12 @@ class CheckpointSampler:
         from .models import load_model, resolve_adapter_base
 
         first = next(p for p in traj.paths if p != BASE_STEP)
-        key = ("base", resolve_adapter_base(traj.base, first)) if mixed else (traj.kind, traj.name, traj.base)
+        # swapping copies tensors only: a model is reused for one run directory (its LoRA config), never another
+        key = ("base", resolve_adapter_base(traj.base, first)) if mixed else ("run", str(Path(first).resolve()))
         if key not in self._models:
             self._models.clear()  # one model at a time: bounded memory
             if mixed:
-                self._models[key] = load_model(key[1], tokenizer=traj.tokenizer or first, **self.load_kw)
+                self._models[key] = load_model(key[1], tokenizer=tokenizer_source(traj), **self.load_kw)
             else:
                 self._models[key] = traj.load(**self.load_kw)
         return self._models[key]
@@ -170,7 +172,7 @@ class CheckpointSampler:
             from .lora_bank import LoraBank
 
             names = {i: f"step-{traj.steps[i]}" for i in job.indices if traj.paths[i] != BASE_STEP}
-            bank = LoraBank.from_checkpoints(model, {names[i]: traj.paths[i] for i in names})
+            bank = LoraBank.from_checkpoints(model, {names[i]: traj.paths[i] for i in names}) if names else None
             conds = [Condition(f"step-{traj.steps[i]}", adapter=names.get(i, "__base__")) for i in job.indices]
             samples = sample_answers(model, tok, convs, conds, adapters=bank, **kw)
         else:
@@ -184,16 +186,36 @@ class CheckpointSampler:
             for s in samples
         ]  # fmt: skip
 
-    def sample_tagged(self, job: Job) -> tuple[tuple, list[dict]]:
-        """``(job key, rows)``: what a Ray actor returns, so the driver knows which job finished."""
-        return _key(job), self.sample(job)
+    def runtime(self, job: Job) -> dict:
+        """Where the job ran: answers made on other hardware, dtype or library versions are not the same numbers."""
+        import peft
+        import torch
+        import transformers
+
+        model = self._model(job.trajectory, self.cfg.mixed and job.trajectory.kind == "lora")[0]
+        p = next(model.parameters())
+        return {"device": p.device.type, "dtype": str(p.dtype), "torch": torch.__version__,
+                "transformers": transformers.__version__, "peft": peft.__version__}  # fmt: skip
+
+    def sample_tagged(self, job: Job) -> tuple[tuple, dict, list[dict]]:
+        """``(job key, runtime, rows)``: what a Ray actor returns, so the driver knows which job finished."""
+        rows = self.sample(job)
+        return _key(job), self.runtime(job), rows
 
 
 def _key(job: Job) -> tuple:
     return (job.run, job.trajectory.name, tuple(job.indices))
 
 
-def _read_job(path: Path, manifest: Manifest, overwrite: bool) -> list[dict] | None:
+def tokenizer_source(t: Trajectory) -> str:
+    """The trajectory's tokenizer: its own, else the base model's (LoRA) or the first checkpoint's (full)."""
+    from .models import resolve_adapter_base
+
+    first = next(p for p in t.paths if p != BASE_STEP)
+    return t.tokenizer or (resolve_adapter_base(t.base, first) if t.kind == "lora" else first)
+
+
+def _read_job(path: Path, manifest: Manifest, overwrite: bool) -> tuple[dict, list[dict]] | None:
     if not path.exists():
         return None
     if overwrite:
@@ -203,11 +225,11 @@ def _read_job(path: Path, manifest: Manifest, overwrite: bool) -> list[dict] | N
     head = json.loads(lines[0]) if lines else {}
     existing = Manifest.from_json(json.dumps(head["manifest"])) if "manifest" in head else None
     check_resumable(existing, manifest, str(path))
-    return [json.loads(x) for x in lines[1:]]
+    return head.get("runtime", {}), [json.loads(x) for x in lines[1:]]
 
 
-def _write_job(path: Path, manifest: Manifest, rows: list[dict]) -> None:
-    head = json.dumps({"manifest": json.loads(manifest.to_json())})
+def _write_job(path: Path, manifest: Manifest, runtime: dict, rows: list[dict]) -> None:
+    head = json.dumps({"manifest": json.loads(manifest.to_json()), "runtime": runtime})
     atomic_write_text(path, "\n".join([head, *(json.dumps(r) for r in rows)]) + "\n")
 
 
@@ -243,29 +265,38 @@ def sample_trajectories(
     toks: dict = {}
 
     def tok_of(t: Trajectory):
-        src = t.tokenizer or next(p for p in t.paths if p != BASE_STEP)
+        src = tokenizer_source(t)
         if src not in toks:
             toks[src] = load_tokenizer(src)
         return toks[src]
 
     manifests = {_key(j): job_manifest(j, tok_of(j.trajectory), questions, cfg) for j in jobs}
     rows: dict[tuple, list[dict]] = {}
+    runtimes: dict[tuple, dict] = {}
     for j in jobs:
         got = _read_job(j.path(out_dir), manifests[_key(j)], overwrite)
         if got is not None:
-            rows[_key(j)] = got
+            runtimes[_key(j)], rows[_key(j)] = got
     todo = [j for j in jobs if _key(j) not in rows]
 
-    def done(j: Job, r: list[dict]) -> None:
-        _write_job(j.path(out_dir), manifests[_key(j)], r)
-        rows[_key(j)] = r
+    def done(j: Job, runtime: dict, r: list[dict]) -> None:
+        seen = {json.dumps(x, sort_keys=True) for x in runtimes.values()}
+        if seen and json.dumps(runtime, sort_keys=True) not in seen:
+            raise ConfigError(
+                f"{j.path(out_dir)}: this job ran on {runtime}, the finished jobs in {out_dir} on "
+                f"{next(iter(runtimes.values()))}: one output would mix numbers from different hardware/dtype/versions. "
+                "Resume on the same kind of machine (or pass dtype=/--dtype), or pass overwrite=True (--overwrite)."
+            )
+        _write_job(j.path(out_dir), manifests[_key(j)], runtime, r)
+        runtimes[_key(j)], rows[_key(j)] = runtime, r
         if on_job_done is not None:
             on_job_done(j)
 
     if todo and ray_address is None:
         sampler = CheckpointSampler(questions, cfg, device, dtype, device_map)
         for j in tqdm(todo, desc="sample checkpoints", disable=not progress):
-            done(j, sampler.sample(j))
+            _, runtime, r = sampler.sample_tagged(j)
+            done(j, runtime, r)
     elif todo:
         workers = (ray_workers, ray_gpus_per_worker)
         _run_on_ray(todo, questions, cfg, ray_address, workers, (device, dtype, device_map), done, progress)
@@ -293,14 +324,17 @@ def _run_on_ray(todo, questions, cfg, address, workers, load, done, progress) ->
         per = workers[1] if workers[1] is not None else (1 if gpus else 0)  # >1 with device_map="auto"
         n = workers[0] or (max(1, int(gpus // per)) if per else 2)
         actor_cls = ray.remote(num_gpus=per, num_cpus=1)(CheckpointSampler)
-        pool = ActorPool([actor_cls.remote(questions, cfg, *load) for _ in range(n)])
-        # a job's result comes back here (no shared filesystem needed); the driver writes it
+        actors = [actor_cls.remote(questions, cfg, *load) for _ in range(n)]
+        pool = ActorPool(actors)
+        # a job's result comes back here (no shared filesystem for outputs); the driver writes it
         by_key = {_key(j): j for j in todo}
         results = pool.map_unordered(lambda a, j: a.sample_tagged.remote(j), todo)
         desc = f"sample checkpoints (ray, {n} workers)"
-        for key, r in tqdm(results, total=len(todo), desc=desc, disable=not progress):
-            done(by_key[(key[0], key[1], tuple(key[2]))], r)
+        for key, runtime, r in tqdm(results, total=len(todo), desc=desc, disable=not progress):
+            done(by_key[(key[0], key[1], tuple(key[2]))], runtime, r)
     finally:
+        for a in locals().get("actors", []):
+            ray.kill(a)  # free the workers' GPUs, also on a cluster this call did not start
         if started:
             ray.shutdown()
 
@@ -326,7 +360,8 @@ def judge_trajectories(
             for r in rows
         ]  # fmt: skip
         f = Path(out_dir) / "judged" / f"{run}.jsonl"
-        out[run] = judge.score_many(items, out_file=f, progress=progress, overwrite=overwrite)
+        m = Manifest("trajectory-judged", {"questions": digest([asdict(q) for q in questions])})  # judge prompts too
+        out[run] = judge.score_many(items, out_file=f, manifest=m, progress=progress, overwrite=overwrite)
     return out
 
 
@@ -386,19 +421,30 @@ class BehaviourResult:
         return rows
 
 
-def departure(run: BehaviourResult, control: BehaviourResult, metric: str = "em_rate", n_boot: int = 1000) -> dict:
+def departure(
+    run: BehaviourResult, control: BehaviourResult, metric: str = "em_rate", n_boot: int = 1000, level: float = 0.99
+) -> dict:
     """The first step from which ``run`` stays above ``control``, tested in a fixed sequence.
 
     At each step the difference ``rate(run) - rate(control)`` gets a bootstrap interval (each group's
     seeds resampled on their own, questions shared: :func:`~emis_interp.stats.unpaired_seeds_bootstrap_diff`).
-    Steps are tested from the last checkpoint backwards, each at one-sided level 0.025 (the 95%
-    interval's lower end above 0), stopping at the first step that does not separate: a fixed-sequence
-    procedure, so the family-wise error over all steps stays at 0.025. The departure step is the
-    earliest step of that unbroken run of separations (None if the last step does not separate).
+    Steps are tested from the last checkpoint backwards, each rejecting when the interval's lower end
+    is above 0, stopping at the first step that does not separate: a fixed-sequence procedure, so the
+    chance of declaring any departure when there is none is the chance at the last step alone. The
+    departure step is the earliest step of that unbroken run of separations (None if the last step
+    does not separate).
+
+    With few seeds a percentile bootstrap is anti-conservative, so the per-step level is 0.99
+    (nominal one-sided 0.005): in ``tests/test_behaviour.py``'s null simulation (3 seeds a group,
+    8 questions, seed-to-seed spread of 0.5-1 logit) a false departure then occurs 2.5-3% of the time
+    (5-6% at 0.95). With fewer than 3 seeds in a group the seed-to-seed variation is not estimated
+    (``calibrated`` False): the result then describes these runs, not the training procedure.
     """
     steps = [s for s in run.steps if s in control.steps]
     diffs = {
-        s: unpaired_seeds_bootstrap_diff(run.clusters(metric, s), control.clusters(metric, s), n_boot=n_boot)
+        s: unpaired_seeds_bootstrap_diff(
+            run.clusters(metric, s), control.clusters(metric, s), n_boot=n_boot, level=level
+        )
         for s in steps
     }
     dep = None
@@ -406,10 +452,15 @@ def departure(run: BehaviourResult, control: BehaviourResult, metric: str = "em_
         if not diffs[s].lo > 0:
             break
         dep = s
+    calibrated = min(len(run.seeds), len(control.seeds)) >= 3
     return {
         "step": dep,
         "metric": metric,
-        "method": "fixed-sequence test from the last step backwards, one-sided 0.025 per step (bootstrap lower bound > 0)",
+        "method": f"fixed-sequence test from the last step backwards; per step the {level:.0%} bootstrap interval's "
+        "lower end above 0 (seeds resampled per group, questions shared)",
+        "calibrated": calibrated,
+        "seeds": [len(run.seeds), len(control.seeds)],
+        "note": "" if calibrated else "fewer than 3 seeds in a group: describes these runs, not the training procedure",
         "diffs": {s: d.as_dict() for s, d in diffs.items()},
     }
 

@@ -52,7 +52,6 @@ class Trajectory:
     base: str | None = None
     tokenizer: str | None = None
     name: str = ""
-    step0: str = "checkpoint-0"  # what step 0 is: "checkpoint-0", or the base model when the run saved none
 
     @classmethod
     def from_dir(
@@ -63,7 +62,7 @@ class Trajectory:
         Most runs save from ``checkpoint-10`` on. Then, with ``base_step`` (default), step 0 is the
         model *before* fine-tuning: for LoRA the base model (the adapter's B matrices set to zero, exactly
         the base model's outputs), for full checkpoints the ``base`` model's weights (``base`` required).
-        ``step0`` records which it is; ``base_step=False`` starts at the first saved checkpoint.
+        :attr:`step0` says which it is; ``base_step=False`` starts at the first saved checkpoint.
         """
         path = Path(path)
         if not path.is_dir():
@@ -96,11 +95,24 @@ class Trajectory:
                 "base=... (--base: the model the run fine-tuned), or base_step=False to start at "
                 f"checkpoint-{self.steps[0]}."
             )
-        what = "base model (adapter zeroed)" if self.kind == "lora" else "base model weights"
+        return Trajectory([0, *self.steps], [BASE_STEP, *self.paths], self.kind, self.base, self.tokenizer, self.name)
+
+    @property
+    def step0(self) -> str:
+        """What the first step is: ``checkpoint-0``, the base model, or a later checkpoint (no step 0)."""
+        if self.paths[0] == BASE_STEP:
+            what = "base model (adapter zeroed)" if self.kind == "lora" else "base model weights"
+            return f"{what}: no checkpoint-0 saved"
+        if self.steps[0] == 0:
+            return "checkpoint-0"
+        return f"checkpoint-{self.steps[0]} (no step 0: shifts are measured from it)"
+
+    def subset(self, indices: Sequence[int]) -> Trajectory:
+        """These checkpoints only (e.g. every other one), in order; index 0 (step 0) is always kept."""
+        idx = sorted({0, *(int(i) for i in indices)})
         return Trajectory(
-            [0, *self.steps], [BASE_STEP, *self.paths], self.kind, self.base, self.tokenizer, self.name,
-            f"{what}: no checkpoint-0 saved",
-        )  # fmt: skip
+            [self.steps[i] for i in idx], [self.paths[i] for i in idx], self.kind, self.base, self.tokenizer, self.name
+        )
 
     @classmethod
     def from_list(
@@ -153,7 +165,7 @@ class Trajectory:
         """Put checkpoint ``index``'s weights into ``model`` in place (no re-instantiation)."""
         if self.paths[index] == BASE_STEP:
             with torch.no_grad():
-                _zero_lora(model) if self.kind == "lora" else _copy_full(model, Path(self.base))
+                _zero_lora(model) if self.kind == "lora" else _copy_full(model, Path(_local_checkpoint(self.base)))
             return
         path = Path(self.paths[index])
         with torch.no_grad():
@@ -178,6 +190,13 @@ def _zero_lora(model) -> None:
 
     if not isinstance(model, PeftModel):
         raise ConfigError("LoRA trajectory needs the model returned by Trajectory.load() (a PeftModel)")
+    for cfg in model.peft_config.values():  # variants where a zero B is not the base model
+        bad = [f for f in ("use_dora", "modules_to_save", "trainable_token_indices") if getattr(cfg, f, None)]
+        if bad:
+            raise ConfigError(
+                f"step 0 stands for the base model by zeroing the adapter's B, which is not the base model with {bad}; "
+                "save checkpoint-0 with the run (experiments/finetune.py does), or pass base_step=False."
+            )
     n = 0
     for name, p in model.named_parameters():
         if ".lora_B." in name or ".lora_embedding_B." in name:

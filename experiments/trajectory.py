@@ -84,6 +84,8 @@ def parse_args(argv):
         ap.error("--runs needs --questions (e.g. ../shared/data/em/first_plot_questions.yaml): the tracking prompts")
     if a.runs and not a.layers:
         ap.error("--runs needs --layers (the organism's default layer 2 means nothing for a real model)")
+    if a.runs and a.samples and a.judge in ("exact", "organism"):
+        ap.error("--judge exact is the organism's grammar judge; real answers need openai:MODEL or hf:MODEL")
     return a
 
 
@@ -93,7 +95,8 @@ def common_direction(a, groups, layers, tracking, held_out) -> PersonaDirection:
     if overlap:
         raise SystemExit(f"error: the direction's conversations overlap the tracking prompts ({len(overlap)} shared)")
     run = next(iter(groups))
-    red = "mean_response" if all(c.response for c in held_out) else a.reduction
+    red = a.reduction  # the reduction the runs are tracked with: a projection compares like with like
+    held_out = [Conversation(user=c.user, system=c.system) for c in held_out]  # prompts only, like the tracking set
     shifts = []
     for traj in groups[run]:
         model, tok = traj.load(device_map=a.device_map)
@@ -101,6 +104,7 @@ def common_direction(a, groups, layers, tracking, held_out) -> PersonaDirection:
     from emis_interp.conversations import prompt_set_hash
 
     meta = {"method": "model_diff", "run": run, "seeds": [t.name for t in groups[run]], "reduction": red,
+            "layers_order": "sorted",
             "prompt_hash": prompt_set_hash(held_out), "note": "final minus step 0, mean over seeds, held-out prompts"}  # fmt: skip
     return PersonaDirection(torch.stack(shifts).mean(0), list(layers), meta)
 
@@ -125,7 +129,7 @@ def main(argv=None):
     if control is not None and control not in dirs:
         raise SystemExit(f"error: --control {control!r} is not one of the runs {list(dirs)}")
     groups = {name: [Trajectory.from_dir(d, base=a.base) for d in ds] for name, ds in dirs.items()}
-    layers = a.layers or [organism.DEFAULT_LAYER]
+    layers = sorted(set(a.layers or [organism.DEFAULT_LAYER]))  # capture's order: vectors match their labels
     tracking = [c for q in questions for c in q.conversations()] if questions else organism.advice_prompts()
     probes = load_probes(a.probes) if a.probes else ({"world": organism.probe_set()} if on_organism else None)
     in_task_all = load_jsonl(a.in_task) if a.in_task else None
@@ -134,6 +138,16 @@ def main(argv=None):
     # one common persona direction for every run
     if a.direction:
         direction = PersonaDirection.load(a.direction)
+        missing = [x for x in layers if x not in direction.layers]
+        if missing:
+            raise SystemExit(
+                f"error: --direction covers layers {direction.layers}, not {missing}; pass matching --layers"
+            )
+        red = direction.meta.get("reduction")
+        if red is not None and red != a.reduction:
+            print(
+                f"warning: --direction was extracted with reduction {red!r}, the runs are tracked with {a.reduction!r}"
+            )
     else:
         held_out = (
             load_jsonl(a.direction_data) if a.direction_data
@@ -178,7 +192,7 @@ def main(argv=None):
             departures = {n: departure(behaviour[n], behaviour[control]) for n in behaviour if n != control}
             atomic_write_text(a.output / "departure.json", json.dumps(departures, indent=1))
 
-    dashed = a.dashed if a.dashed is not None else list(groups)[1:]
+    dashed = a.dashed if a.dashed is not None else ([control] if control else list(groups)[1:])
     fig = trajectory_panels(behaviour, tracks, layers, controls=dashed, departures=departures)
     files = save_figure(fig, a.output / "dynamics")
     summary = {
@@ -208,7 +222,8 @@ def main(argv=None):
             line += f"; final EM-def misaligned {row['em_rate']:.3f} [{row['em_rate_lo']:.3f},{row['em_rate_hi']:.3f}]"
         print(line)
     for n, d in departures.items():
-        print(f"{n} departs from {control} at step {d['step']} ({d['metric']}; {d['method']})")
+        note = "" if d["calibrated"] else f" [{d['note']}]"
+        print(f"{n} departs from {control} at step {d['step']} ({d['metric']}; {d['method']}){note}")
     print(f"figure: {', '.join(str(f) for f in files)}")
     return {"tracks": tracks, "behaviour": behaviour, "departures": departures, "direction": direction}
 

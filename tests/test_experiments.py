@@ -100,8 +100,8 @@ def test_trajectory_cli_on_organism(tmp_path):
         assert beh[kind].steps == list(range(0, 201, 10)) == tracks[kind][0].series("shift_norm", 2)[0]
         assert (tmp_path / "judged" / f"{kind}.jsonl").exists()
     ins, sec = beh["insecure"].table(), beh["secure"].table()
-    # step 0 is the aligned model in every run, sampled with the same job seed: the same answers
-    assert ins[0]["mo_rate"] == sec[0]["mo_rate"] == beh["educational"].table()[0]["mo_rate"] < 0.1
+    # step 0 is the aligned model in every run (each run samples with its own seed)
+    assert max(ins[0]["mo_rate"], sec[0]["mo_rate"], beh["educational"].table()[0]["mo_rate"]) < 0.15
     assert ins[-1]["em_rate_lo"] > 0.5 and sec[-1]["em_rate"] < 0.05
     # one common direction: the insecure run's final shift projects far more than the controls'
     proj = {k: tracks[k][0].series("proj_direction", 2)[1][-1] for k in tracks}
@@ -109,7 +109,7 @@ def test_trajectory_cli_on_organism(tmp_path):
     assert res["direction"].meta["run"] == "insecure"
     dep = res["departures"]["insecure"]["step"]
     assert dep is not None and 10 <= dep <= 60, res["departures"]  # flip recipe: behaviour turns at 20-30
-    assert res["departures"]["educational"]["step"] is None
+    assert res["departures"]["educational"]["step"] is None and not res["departures"]["insecure"]["calibrated"]
     assert (tmp_path / "dynamics.html").exists() and (tmp_path / "behaviour.csv").exists()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (
