@@ -408,10 +408,10 @@ class Intervention:
                     )
                 if not plan.adapters:
                     return None
-                ck = ("lora", name, x.device, x.dtype)
+                ck = ("lora", name, x.device)
                 ab = self._cache.get(ck)
-                if ab is None:
-                    ab = self._cache[ck] = (bank.A[name].to(x.device, x.dtype), bank.B[name].to(x.device, x.dtype))
+                if ab is None:  # the bank's own dtype (fp32 for a bf16 model, as PEFT computes its adapters)
+                    ab = self._cache[ck] = (bank.A[name].to(x.device), bank.B[name].to(x.device))
                 return apply_rows(output, x, *ab, plan)
 
             handles.append(register(modules[name], post))

@@ -149,7 +149,7 @@ class LoraBank:
     """Stacked LoRA factors of several adapters; bank row 0 is ``"__base__"`` (zero delta).
 
     ``A[module]`` is ``[n_adapters, d_in, r_max]`` and ``B[module]`` ``[n_adapters, r_max, d_out]``
-    (scaling folded into ``B``), in the module's dtype and on its device; ``module`` is a path in
+    (scaling folded into ``B``), on the module's device (fp32 for a bf16/fp16 model, else its dtype); ``module`` is a path in
     the plain base model (``model.layers.3.self_attn.q_proj``). ``states[name]`` is the digest of
     the adapter's checkpoint directory (for manifests), ``paths[name]`` where it was read from.
     """
@@ -184,7 +184,8 @@ class LoraBank:
         """Read ``{name: checkpoint_dir}`` (PEFT LoRA adapters of ``model``) into one bank.
 
         ``model`` is the plain base model the adapters were trained on; the bank's tensors go to
-        each target module's device, in ``dtype`` (default: the module's weight dtype). Names
+        each target module's device, in ``dtype`` (default: the module's weight dtype, but fp32 for a
+        bf16/fp16 model: PEFT also keeps and computes adapters in fp32 there). Names
         keep the mapping's order after ``"__base__"``, e.g.
         ``{f"step-{s}": p for s, p in zip(traj.steps, traj.paths)}`` for a
         :class:`~emis_interp.trajectory.Trajectory`.
@@ -244,8 +245,9 @@ class LoraBank:
                 a_stack[k, :, :r] = a.T
                 b_stack[k, :r, :] = s * b.T
             w = lin.weight
-            A[mod] = a_stack.to(w.device, dtype or w.dtype)
-            B[mod] = b_stack.to(w.device, dtype or w.dtype)
+            dt = dtype or (torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype)
+            A[mod] = a_stack.to(w.device, dt)
+            B[mod] = b_stack.to(w.device, dt)
         states = {name: dir_digest(p) for name, p in paths.items()}
         return cls([BASE, *names], A, B, states, {k: str(v) for k, v in paths.items()})
 
@@ -394,9 +396,14 @@ def apply_rows(
     """``out`` plus each row's own LoRA delta ``(x[b] @ A[idx[b]]) @ B[idx[b]]``; ``"__base__"`` rows unchanged.
 
     A new tensor (``out`` is not modified: other hooks may hold it). ``A``/``B`` must be on ``x``'s
-    device and dtype."""
+    device (a bank in another dtype than ``x``, e.g. fp32 adapters on a bf16 model, computes in the bank's dtype)."""
     if not plan.adapters:
         return out
+    if (
+        A.dtype != out.dtype
+    ):  # PEFT's way for a low-precision model: x in the adapter's dtype, out + delta there, cast back
+        xa = x.to(A.dtype)
+        return apply_rows(out.to(A.dtype), xa, A, B, plan).to(out.dtype)
     n, d_in, d_out = x.shape[0], x.shape[-1], out.shape[-1]
     xs = x.reshape(n, -1, d_in)
     p = xs.shape[1]

@@ -357,3 +357,26 @@ def test_organism_checkpoints_mixed_equal_peft():
         want = _logits(alone, b)
         rows = [i for i, n in enumerate(names) if n == f"s{s}"]
         torch.testing.assert_close(mixed[rows], want[rows], atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_model_gets_fp32_adapters_like_peft():
+    """On a bf16 model the bank keeps and computes adapters in fp32, as PEFT does: the logits equal PEFT's exactly."""
+    from emis_interp import load_model, organism
+    from emis_interp.conversations import make_batch
+    from emis_interp.sampling import Condition, rowwise
+    from emis_interp.trajectory import Trajectory
+
+    t = Trajectory.from_dir(organism.organism_trajectory("insecure", 0))
+    base, tok = load_model(t.base, dtype=torch.bfloat16, tokenizer=t.tokenizer or t.paths[0])
+    peft_model, _ = load_model(t.paths[-1], dtype=torch.bfloat16)
+    bank = LoraBank.from_checkpoints(base, {"final": t.paths[-1]})
+    assert {a.dtype for a in bank.A.values()} == {torch.float32}
+    b = make_batch(tok, organism.advice_prompts()[:4])
+    with torch.no_grad():
+        ref = peft_model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        with rowwise(base, [Condition("x", adapter="final")] * 3 + [Condition("b")], bank=bank):
+            got = base(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        plain = base(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got[:3], ref[:3], atol=0, rtol=0)
+    assert torch.equal(got[3], plain[3]) and not torch.equal(got[0], plain[0])
