@@ -25,7 +25,7 @@ from emis_interp.trajectory import Trajectory  # noqa: E402
 
 
 def _bench(kind: str, tmp: Path, tok, dev: str, dtype) -> None:
-    traj = Trajectory.from_dir(tmp / kind)
+    traj = Trajectory.from_dir(tmp / kind, base_step=False)  # two saved checkpoints, swapped back and forth
     m, _ = traj.load(device=dev, dtype=dtype)
     i = [0]
 

@@ -271,7 +271,11 @@ def lora_dynamics(
         )
     if len(traj) < 2:
         raise ValueError(f"trajectory {traj.name!r} has {len(traj)} checkpoint(s); dynamics need at least 2.")
-    adapters = [read_adapter(p) for p in traj.paths]
+    from .trajectory import BASE_STEP
+
+    adapters = [None if p == BASE_STEP else read_adapter(p) for p in traj.paths]
+    if adapters[0] is None:  # step 0 = the base model (no checkpoint-0): B = 0 (dW = 0), A as in the first checkpoint
+        adapters[0] = {m: (a, torch.zeros_like(b), sc) for m, (a, b, sc) in adapters[1].items()}
     modules = list(adapters[0])
     for p, ad in zip(traj.paths, adapters, strict=True):
         if list(ad) != modules:

@@ -295,3 +295,10 @@ def test_cli_on_a_lora_run_saved_from_checkpoint10(from10, tmp_path, monkeypatch
     ref = final_shift(Trajectory.from_dir(from10 / "lora"), model, tok, [Conversation(user=c.user) for c in prompts],
                       [1, 2], "mean_prompt")  # fmt: skip
     torch.testing.assert_close(res["direction"].vectors, ref)
+
+
+def test_lora_dynamics_with_a_base_step0(from10):
+    from emis_interp.weights import lora_dynamics
+
+    dyn = lora_dynamics(Trajectory.from_dir(from10 / "lora"))
+    assert dyn.steps[0] == 0 and len(dyn.steps) == 3
