@@ -29,7 +29,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .cache import atomic_write_text
-from .conversations import Conversation
 from .data import Question
 from .errors import ConfigError
 from .manifest import Manifest, check_resumable, digest, tokenizer_state
@@ -99,15 +98,6 @@ def make_jobs(runs: Mapping[str, Sequence[Trajectory]], cfg: BehaviourConfig) ->
     return jobs
 
 
-def _prompts(questions: Sequence[Question]) -> tuple[list[Conversation], list[str]]:
-    convs, owners = [], []
-    for q in questions:
-        for c in q.conversations():
-            convs.append(c)
-            owners.append(q.id)
-    return convs, owners
-
-
 def job_manifest(job: Job, tokenizer, questions: Sequence[Question], cfg: BehaviourConfig) -> Manifest:
     """Everything that determines a job's answers (not who samples it, nor in which order)."""
     t = job.trajectory
@@ -153,9 +143,6 @@ class CheckpointSampler:
                 self._models[key] = traj.load(**self.load_kw)
         return self._models[key]
 
-    def tokenizer(self, traj: Trajectory):
-        return self._model(traj, self.cfg.mixed and traj.kind == "lora")[1]
-
     def sample(self, job: Job, progress: bool = False) -> list[dict]:
         """The job's answers: one row per (checkpoint, prompt, sample)."""
         from .sampling import Condition, sample_answers
@@ -163,6 +150,8 @@ class CheckpointSampler:
         cfg, traj = self.cfg, job.trajectory
         mixed = cfg.mixed and traj.kind == "lora"
         model, tok = self._model(traj, mixed)
+        from .causality import _prompts  # the questions' conversations, each with its Question
+
         convs, owners = _prompts(self.questions)
         kw = dict(
             n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -182,7 +171,7 @@ class CheckpointSampler:
                 samples += sample_answers(model, tok, convs, [Condition(f"step-{traj.steps[i]}")], **kw)
         return [
             {"step": int(s.condition.removeprefix("step-")), "row": s.row, "sample": s.sample,
-             "question_id": owners[s.row], "question": s.prompt.user, "answer": s.answer}
+             "question_id": owners[s.row].id, "question": s.prompt.user, "answer": s.answer}
             for s in samples
         ]  # fmt: skip
 
@@ -312,7 +301,7 @@ def _run_on_ray(todo, questions, cfg, address, workers, load, done, progress) ->
         from ray.util import ActorPool
     except ImportError as e:  # pragma: no cover - ray is a dev dependency
         raise ConfigError("--ray needs Ray: pip install 'ray>=2.9'") from e
-    started = False
+    started, actors = False, []
     if not ray.is_initialized():
         if address == "local":
             ray.init(include_dashboard=False, log_to_driver=False)
@@ -333,7 +322,7 @@ def _run_on_ray(todo, questions, cfg, address, workers, load, done, progress) ->
         for key, runtime, r in tqdm(results, total=len(todo), desc=desc, disable=not progress):
             done(by_key[(key[0], key[1], tuple(key[2]))], runtime, r)
     finally:
-        for a in locals().get("actors", []):
+        for a in actors:
             ray.kill(a)  # free the workers' GPUs, also on a cluster this call did not start
         if started:
             ray.shutdown()
