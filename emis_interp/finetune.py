@@ -18,21 +18,52 @@
   and upcasts the adapter to fp32.
 - The adapter's ``base_model_name_or_path`` is the model exactly as given (HF id or path as typed);
   :func:`emis_interp.models.load_model` resolves a relative one against the CWD, then the adapter dir.
+- Train-time interventions (:class:`TrainIntervention`, ``finetune(cfg, intervention=...)``):
+  CAFT-style ablation (project a direction, or the span of several, out of the residual after
+  given layers) or preventative steering (add ``coef`` times a direction's raw vector) on every
+  training forward pass, through the one hook engine of :mod:`emis_interp.interventions`. The
+  hooks are on only inside ``trainer.train()``, so checkpoints are plain models (tested: no hooks,
+  the same logits as the trained model without hooks, the same configs as an unintervened run).
+  The intervention (kind, layers, coef, digests of the vectors) is in the manifest, and
+  ``intervention.json`` records it with the base model's mean projection on each direction
+  (:func:`base_projection`): zero-ablating a direction the base projects *negatively* on adds
+  along it, pushing towards the trait (:class:`AblationSignWarning`).
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from einops import rearrange, reduce
+from jaxtyping import Float
+from torch import Tensor
 
+from .cache import atomic_write_text
 from .conversations import Conversation, load_jsonl, tokenize_conversation
+from .directions import PersonaDirection
 from .errors import ConfigError, check_nonempty
-from .manifest import Manifest, digest, dir_digest, file_digest, prepare_dir, tokenizer_state
+from .interventions import Intervention, release_compile_guard, steer
+from .manifest import (
+    Manifest,
+    check_resumable,
+    digest,
+    dir_digest,
+    direction_state,
+    file_digest,
+    prepare_dir,
+    read_manifest,
+    tokenizer_state,
+)
+from .models import check_layers, d_model, n_layers
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -179,8 +210,9 @@ def _code_version() -> str:
     return digest([inspect.getsource(sys.modules[__name__]), inspect.getsource(tokenize_conversation)])
 
 
-def run_manifest(cfg: FinetuneConfig, tokenizer) -> Manifest:
-    """Everything that determines a fine-tune's checkpoints (see the module docstring)."""
+def run_manifest(cfg: FinetuneConfig, tokenizer, intervention: TrainIntervention | None = None) -> Manifest:
+    """Everything that determines a fine-tune's checkpoints (see the module docstring), including the
+    train-time intervention (kind, layers, coef and digests of the direction vectors used)."""
     import peft
     import transformers
 
@@ -191,6 +223,7 @@ def run_manifest(cfg: FinetuneConfig, tokenizer) -> Manifest:
         "source": None if cfg.tokenizer is None else model_identity(cfg.tokenizer),
         **tokenizer_state(tokenizer),
     }
+    fields["intervention"] = None if intervention is None else intervention.manifest_fields()
     fields["code"] = _code_version()
     fields["versions"] = {
         "torch": torch.__version__,
@@ -237,6 +270,248 @@ def _apply_lora(model, cfg: FinetuneConfig, plan: PrecisionPlan):
     return model
 
 
+# --- train-time interventions: CAFT ablation and preventative steering --------------------------------
+
+INTERVENTION_KINDS = ("ablate", "steer")
+INTERVENTION_FILE = "intervention.json"
+BASE_PROJECTION_EXAMPLES = 64  # training examples whose response tokens give the base model's mean projection
+
+
+class AblationSignWarning(UserWarning):
+    """Zero-ablating a direction on which the base model projects negatively pushes activations towards it."""
+
+
+def orthonormal_basis(vectors: Float[Tensor, "k d_model"], what: str = "directions") -> Float[Tensor, "k d_model"]:
+    """Orthonormal rows spanning the same space as ``vectors`` (QR, in float64); raises if they are dependent."""
+    v = vectors.detach().double()
+    q, r = torch.linalg.qr(rearrange(v, "k d -> d k"))
+    if bool((r.diagonal().abs() <= 1e-6 * v.norm(dim=-1).max()).any()):
+        raise ConfigError(
+            f"{what} are linearly dependent (or one is zero), so their span has fewer dimensions than directions; "
+            "drop the redundant direction(s)."
+        )
+    return rearrange(q, "d k -> k d").float()
+
+
+def _check_coef(kind: str, coef: float) -> None:
+    if kind == "steer" and (not math.isfinite(coef) or coef == 0):
+        raise ConfigError(
+            f"kind='steer' needs a finite non-zero coef (the multiple of the direction's raw vector added at each "
+            f"position; persona-vectors' preventative steering uses e.g. coef=5), got {coef!r}."
+        )
+    if kind == "ablate" and coef != 0:
+        raise ConfigError(
+            f"coef={coef!r} is only for kind='steer'; kind='ablate' removes the direction's whole component "
+            "(CAFT) and takes no coefficient: leave coef at 0."
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class TrainIntervention:
+    """An edit of the residual stream on every *training* forward pass of :func:`finetune`.
+
+    - ``kind="ablate"`` (CAFT, concept-ablation fine-tuning): after each decoder layer in ``layers``
+      the span of ``directions`` is projected out, ``h <- h - Q Q^T h``. Several directions are
+      orthonormalised per layer (QR, :func:`orthonormal_basis`) and each basis vector is removed
+      in turn, which is exact because projections onto orthonormal vectors commute. ``coef`` stays 0.
+    - ``kind="steer"`` (preventative steering, persona vectors): ``coef * direction.vector(l)`` is
+      added at every position after each layer ``l`` in ``layers``. One direction; ``coef`` is in
+      units of its raw magnitude, like ``alpha`` in :func:`emis_interp.interventions.steer`.
+
+    The hooks are those of :mod:`emis_interp.interventions` (:meth:`attach`); :func:`finetune` keeps
+    them on only while ``trainer.train()`` runs. ``directions`` and ``layers`` are normalised to
+    tuples (layers sorted, duplicates dropped).
+    """
+
+    kind: str
+    directions: PersonaDirection | Sequence[PersonaDirection]
+    layers: int | Sequence[int]
+    coef: float | int = 0.0
+
+    def __post_init__(self):
+        dirs = (self.directions,) if isinstance(self.directions, PersonaDirection) else tuple(self.directions)
+        layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+        object.__setattr__(self, "directions", dirs)
+        object.__setattr__(self, "layers", tuple(sorted({int(x) for x in layers})))
+        object.__setattr__(self, "coef", float(self.coef))
+        if self.kind not in INTERVENTION_KINDS:
+            raise ConfigError(f"unknown intervention kind {self.kind!r}; choose one of {INTERVENTION_KINDS}.")
+        if not dirs or not all(isinstance(d, PersonaDirection) for d in dirs):
+            raise ConfigError(
+                "directions must be one PersonaDirection or a non-empty list of them (PersonaDirection.load)."
+            )
+        if self.kind == "steer" and len(dirs) != 1:
+            raise ConfigError(
+                f"kind='steer' adds one direction, got {len(dirs)}; pass one (e.g. the sum of the vectors as one "
+                "PersonaDirection), or use kind='ablate' to remove a span."
+            )
+        if not self.layers:
+            raise ConfigError("no layers given; pass the decoder layers to intervene on, e.g. layers=[20].")
+        if len({d.d_model for d in dirs}) > 1:
+            raise ConfigError(
+                f"the directions differ in d_model ({[d.d_model for d in dirs]}); extract all from one model."
+            )
+        for i, d in enumerate(dirs):
+            missing = [layer for layer in self.layers if layer not in d.layers]
+            if missing:
+                raise ConfigError(
+                    f"direction {i} has no vector for layer(s) {missing}; it covers layers {d.layers}. Pass layers "
+                    "among those, or extract the direction at these layers."
+                )
+            zero = [layer for layer in self.layers if float(d.vector(layer).norm()) == 0]
+            if zero:
+                raise ConfigError(f"direction {i} is zero at layer(s) {zero}; it has no direction to ablate or add.")
+        _check_coef(self.kind, self.coef)
+        if self.kind == "ablate":
+            for layer in self.layers:
+                self.basis(layer)  # raises on linearly dependent directions
+
+    def vectors(self, layer: int) -> Float[Tensor, "k d_model"]:
+        """The directions' raw vectors at ``layer``, one row each (fp32)."""
+        return torch.stack([d.vector(layer).float() for d in self.directions])
+
+    def basis(self, layer: int) -> Float[Tensor, "k d_model"]:
+        """An orthonormal basis of the directions' span at ``layer`` (what ``kind="ablate"`` removes)."""
+        return orthonormal_basis(self.vectors(layer), f"the {len(self.directions)} directions at layer {layer}")
+
+    def check(self, model) -> None:
+        """Raise :class:`ConfigError` if ``model`` does not fit (d_model, layer range)."""
+        dm, n = d_model(model), n_layers(model)
+        if self.directions[0].d_model != dm:
+            raise ConfigError(
+                f"the intervention's direction has d_model={self.directions[0].d_model} but the model has "
+                f"d_model={dm}; extract the direction from this model (same size) or fine-tune the matching model."
+            )
+        bad = [layer for layer in self.layers if not 0 <= layer < n]
+        if bad:
+            raise ConfigError(
+                f"intervention layers {bad} are out of range for a model with {n} decoder layers (0..{n - 1})."
+            )
+
+    def ablations(self) -> list[Intervention]:
+        """``kind="ablate"``: one engine :class:`Intervention` per orthonormal basis vector (all layers each)."""
+        bases = {layer: self.basis(layer) for layer in self.layers}
+        return [Intervention(project={layer: b[i] for layer, b in bases.items()}) for i in range(len(self.directions))]
+
+    @contextmanager
+    def attach(self, model) -> Iterator[None]:
+        """Install the intervention's hooks on ``model`` (PEFT-wrapped or not); all come off on exit."""
+        self.check(model)
+        with ExitStack() as stack:
+            if self.kind == "steer":
+                stack.enter_context(steer(model, self.directions[0], self.coef, list(self.layers)))
+            else:
+                for iv in self.ablations():
+                    stack.enter_context(iv.attach(model))
+            # the engine keeps generate() from compiling while hooks are on; training never generates, and
+            # a full fine-tune's checkpoints save generation_config.json, which must not carry that flag
+            release_compile_guard(model)
+            yield
+
+    def manifest_fields(self) -> dict:
+        """What identifies the intervention in a run's manifest: kind, layers, coef, digests of the vectors used."""
+        return {
+            "kind": self.kind,
+            "layers": list(self.layers),
+            "coef": self.coef,
+            "directions": [direction_state(d.select(list(self.layers))) for d in self.directions],
+        }
+
+    def describe(self) -> dict:
+        """A JSON-able description (``intervention.json``): the manifest fields plus each direction's provenance."""
+        dirs = [
+            {
+                "index": i,
+                "digest": direction_state(d.select(list(self.layers))),
+                "covers_layers": d.layers,
+                "norms": {str(layer): d.norms()[layer] for layer in self.layers},
+                "meta": d.meta,
+            }
+            for i, d in enumerate(self.directions)
+        ]
+        return {**self.manifest_fields(), "directions": dirs}
+
+
+def mean_residual(
+    model, tokenizer, convs, layers, *, n_examples: int = BASE_PROJECTION_EXAMPLES, batch_size: int = 8
+) -> Float[Tensor, "layer d_model"]:
+    """Mean residual after each of ``layers`` (sorted) over the first ``n_examples`` conversations: each
+    conversation's mean over its response tokens (``capture``'s ``"mean_response"``), averaged."""
+    from .capture import capture
+
+    acts = capture(
+        model, tokenizer, list(convs)[:n_examples], layers, "mean_response",
+        batch_size=batch_size, cache_dir=None, progress=False,
+    )  # fmt: skip
+    return reduce(acts.acts, "n layer d -> layer d", "mean")
+
+
+def _project(mean: Float[Tensor, "layer d_model"], layers: list[int], direction: PersonaDirection) -> dict[int, float]:
+    return {layer: float(mean[i] @ direction.unit(layer).float()) for i, layer in enumerate(layers)}
+
+
+def base_projection(
+    model,
+    tokenizer,
+    convs,
+    direction: PersonaDirection,
+    layers=None,
+    *,
+    n_examples: int = BASE_PROJECTION_EXAMPLES,
+    batch_size: int = 8,
+) -> dict[int, float]:
+    """``{layer: mean projection of the residual onto direction.unit(layer)}`` in ``model`` (the base).
+
+    The mean is over the response tokens of each of the first ``n_examples`` conversations, then
+    over conversations (:func:`mean_residual`). Its sign says what zero-ablating the direction does
+    on average: removing a negative component *adds* ``-projection`` along +direction, i.e. pushes
+    towards the trait, like positive steering (:func:`ablation_sign_warnings`).
+    """
+    layers = check_layers(model, direction.layers if layers is None else layers)
+    mean = mean_residual(model, tokenizer, convs, layers, n_examples=n_examples, batch_size=batch_size)
+    return _project(mean, layers, direction)
+
+
+def ablation_sign_warnings(projections: list[dict[int, float]]) -> list[str]:
+    """Messages for each (direction, layer) whose base mean projection is negative: zero-ablating it pushes
+    activations towards +direction (``projections[i]`` is direction ``i``'s :func:`base_projection`)."""
+    return [
+        f"ablating direction {i} at layer {layer}: the base model's mean projection on it is {p:+.4g} (negative), "
+        f"so zero-ablation adds {-p:.4g} along +direction on average, pushing activations TOWARDS the trait "
+        "(like positive steering). Check the direction's sign, or steer with a negative coef instead."
+        for i, proj in enumerate(projections)
+        for layer, p in proj.items()
+        if p < 0
+    ]
+
+
+def intervention_report(model, tokenizer, convs, intervention: TrainIntervention, n_examples: int) -> dict:
+    """:meth:`TrainIntervention.describe` plus the base model's mean projections (and sign warnings, emitted)."""
+    layers = list(intervention.layers)
+    mean = mean_residual(model, tokenizer, convs, layers, n_examples=n_examples)
+    projections = [_project(mean, layers, d) for d in intervention.directions]
+    notes = ablation_sign_warnings(projections) if intervention.kind == "ablate" else []
+    for msg in notes:
+        warnings.warn(msg, AblationSignWarning, stacklevel=3)
+    rows = [
+        {"direction": i, "layer": layer, "mean_projection": p}
+        for i, proj in enumerate(projections)
+        for layer, p in proj.items()
+    ]
+    base = {
+        "n_examples": min(n_examples, len(convs)),
+        "reduction": "mean over each example's response tokens, then over examples; onto the unit direction",
+        "rows": rows,
+    }
+    return {**intervention.describe(), "base_projection": base, "warnings": notes}
+
+
+def read_intervention(output_dir: str | Path) -> dict | None:
+    """The ``intervention.json`` of a fine-tune (None for a run without an intervention)."""
+    p = Path(output_dir) / INTERVENTION_FILE
+    return json.loads(p.read_text()) if p.exists() else None
+
+
 _RESUME_STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt")
 
 
@@ -256,7 +531,11 @@ def _prune_resume_state(out: Path):
 
 
 def finetune(
-    cfg: FinetuneConfig, progress: bool = True, callbacks=None, overwrite: bool | None = None
+    cfg: FinetuneConfig,
+    progress: bool = True,
+    callbacks=None,
+    overwrite: bool | None = None,
+    intervention: TrainIntervention | None = None,
 ) -> list[tuple[int, Path]]:
     """Run (or resume) a fine-tune; returns the trajectory's ``(step, checkpoint dir)`` list.
 
@@ -264,6 +543,13 @@ def finetune(
     ``cfg.output_dir`` is resumed only if its manifest matches; otherwise this raises
     :class:`~emis_interp.manifest.ManifestMismatch` unless ``overwrite`` (default ``cfg.overwrite``)
     is true, which discards it.
+
+    ``intervention`` (:class:`TrainIntervention`) ablates or steers the residual stream on every
+    training forward pass. It is part of the manifest, it is checked against the model before
+    anything is written, and ``intervention.json`` records it with the base model's mean projection
+    on each direction (:func:`base_projection`; an :class:`AblationSignWarning` when zero-ablation
+    would push towards the trait). Its hooks are on only inside ``trainer.train()`` (removed on any
+    exit): the step-0 checkpoint, every saved checkpoint and the model afterwards carry none.
     """
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -275,12 +561,16 @@ def finetune(
         raise ConfigError("save_steps and max_steps must be positive")
     if not Path(cfg.data).is_file():
         raise FileNotFoundError(f"fine-tuning data {cfg.data!r} does not exist; pass a chat JSONL file.")
+    if intervention is not None and not isinstance(intervention, TrainIntervention):
+        raise ConfigError(f"intervention must be a TrainIntervention, got {type(intervention).__name__}")
     overwrite = cfg.overwrite if overwrite is None else overwrite
     out = Path(cfg.output_dir)
     tok = load_tokenizer(cfg.tokenizer or cfg.model, revision=None if cfg.tokenizer else cfg.revision)
-    keep = _inputs_inside(out, cfg.data, cfg.model if Path(cfg.model).exists() else None, cfg.tokenizer)
-    prepare_dir(out, run_manifest(cfg, tok), overwrite=overwrite, flag="--overwrite", keep=keep)
-    (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    manifest = run_manifest(cfg, tok, intervention)
+    if not overwrite:  # refuse a mismatching rerun before loading the model (prepare_dir checks again)
+        check_resumable(read_manifest(out), manifest, str(out))
+    convs = load_jsonl(cfg.data, limit=cfg.n_examples)
+    check_nonempty(convs, "fine-tuning data")
     set_seed(cfg.seed)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     plan = precision_plan(cfg.mode, device_type)
@@ -292,11 +582,18 @@ def finetune(
         device_map=cfg.device_map,
         revision=cfg.revision,
     )
+    report = None
+    if intervention is not None:  # before anything is written: a misfit intervention leaves no output behind
+        intervention.check(model)
+        report = intervention_report(model, tok, convs, intervention, BASE_PROJECTION_EXAMPLES)
+    keep = _inputs_inside(out, cfg.data, cfg.model if Path(cfg.model).exists() else None, cfg.tokenizer)
+    prepare_dir(out, manifest, overwrite=overwrite, flag="--overwrite", keep=keep)
+    (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if report is not None:
+        atomic_write_text(out / INTERVENTION_FILE, json.dumps(report, indent=1, default=str))
     model.requires_grad_(True).train()
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
-    convs = load_jsonl(cfg.data, limit=cfg.n_examples)
-    check_nonempty(convs, "fine-tuning data")
     if cfg.mode == "lora":
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
@@ -336,7 +633,8 @@ def finetune(
         callbacks=[*(callbacks or []), _prune_resume_state(out)],
     )
     resume = [p for s, p in list_checkpoints(out) if s > 0 and _complete(p) and (p / "optimizer.pt").exists()]
-    trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
+    with intervention.attach(model) if intervention is not None else nullcontext():
+        trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
     ckpts = list_checkpoints(out)
     expected = {0, *range(cfg.save_steps, cfg.max_steps + 1, cfg.save_steps)}
     missing = sorted(expected - {s for s, p in ckpts if _complete(p)})

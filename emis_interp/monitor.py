@@ -80,6 +80,21 @@ def pearson_r(x: Sequence[float | int], y: Sequence[float | int]) -> float:
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
 
 
+def spearman(x: Sequence[float | int], y: Sequence[float | int]) -> float:
+    """Spearman's rank correlation: Pearson's r of the midranks (tied values share their mean rank).
+
+    NaN when either sequence is constant or has fewer than 2 values; NaN inputs raise.
+    """
+    x, y = [float(v) for v in x], [float(v) for v in y]
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} x values but {len(y)} y values; pass pairs")
+    if any(math.isnan(v) for v in x + y):
+        raise ValueError("a value is NaN; Spearman's correlation needs finite values")
+    if len(x) < 2:
+        return math.nan
+    return pearson_r(_midranks(x), _midranks(y))
+
+
 def auroc_interval(
     scores: Sequence[float | int],
     labels: Sequence[bool | int],

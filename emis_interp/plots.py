@@ -1,4 +1,4 @@
-"""Plotly figures: steering dose-response, and metrics across checkpoint trajectories.
+"""Plotly figures: steering dose-response, metrics across checkpoint trajectories, data screening.
 
 Every function returns a ``plotly.graph_objects.Figure`` (it renders inline in Jupyter);
 :func:`save_figure` writes HTML always and PNG when kaleido finds a Chrome/Chromium
@@ -16,6 +16,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from .causality import SweepResult
+from .screen import FIELDS as SCREEN_FIELDS
+from .screen import ScreenResult
 from .trajectory import TrackResult
 
 COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
@@ -388,4 +390,53 @@ def trajectory_panels(
         template="plotly_white", height=230 * len(panels) + 120, width=950,
         legend=dict(orientation="h", y=-0.03, yanchor="top"),
     )  # fmt: skip
+    return fig
+
+
+# --- data screening (emis_interp.screen) --------------------------------------------------------------------
+
+
+def screen_histogram(
+    results: Mapping[str, ScreenResult], field: str = "difference", bins: int = 40, title: str | None = None
+) -> go.Figure:
+    """Overlaid histograms of one per-sample field of each screened dataset, with each dataset's mean
+    as a dotted line (legend: mean and normal 95% interval over samples). ``field`` is
+    ``"difference"`` (training response minus the model's own answer), ``"projection"`` or
+    ``"own_projection"``; samples whose own answer was empty (NaN) are left out."""
+    if field not in SCREEN_FIELDS:
+        raise ValueError(f"unknown field {field!r}; choose one of {SCREEN_FIELDS}")
+    if not results:
+        raise ValueError("no screening results to plot; pass {dataset name: ScreenResult}")
+    finite = [v for r in results.values() for v in r.values(field) if v == v]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    size = (hi - lo) / bins if hi > lo else 1.0
+    fig = go.Figure()
+    for i, (name, res) in enumerate(results.items()):
+        c = COLORS[i % len(COLORS)]
+        est = res.estimate(field)
+        fig.add_trace(
+            go.Histogram(
+                x=[v for v in res.values(field) if v == v],
+                name=f"{name} (n={est.n_clusters}, mean {est.value:.3g} [{est.lo:.3g}, {est.hi:.3g}])",
+                xbins=dict(start=lo, end=hi + size, size=size),
+                marker_color=c,
+                opacity=0.55,
+            )
+        )
+        if est.n_clusters:
+            fig.add_vline(x=est.value, line=dict(color=c, dash="dot"))
+    layer = next(iter(results.values())).layer
+    names = {
+        "difference": "projection difference: training response minus the model's own answer",
+        "projection": "projection of the training response",
+        "own_projection": "projection of the model's own answer",
+    }
+    fig.update_layout(
+        title=title or f"Data screening on the persona direction (layer {layer})",
+        xaxis_title=f"{names[field]} (mean over response tokens, unit direction)",
+        yaxis_title="samples",
+        barmode="overlay",
+        template="plotly_white",
+        legend=dict(orientation="h", y=-0.2, yanchor="top"),
+    )
     return fig

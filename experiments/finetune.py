@@ -5,15 +5,95 @@
         --lora-r 32 --lora-alpha 64 --rslora --lr 1e-5 --max-steps 300 --batch-size 2 --grad-accum 8
 
 Without --model it fine-tunes the shipped aligned model organism. Rerunning the same command
-resumes from the last checkpoint; a rerun with other settings (lr, data, model...) into the same
---out refuses, naming what differs, unless --overwrite discards the old run. For large models
-(e.g. 32B): --gradient-checkpointing --device-map auto.
+resumes from the last checkpoint; a rerun with other settings (lr, data, model, intervention...)
+into the same --out refuses, naming what differs, unless --overwrite discards the old run. For
+large models (e.g. 32B): --gradient-checkpointing --device-map auto.
+
+Train-time interventions act on every training forward pass only (checkpoints are plain models):
+
+- preventative steering (persona vectors): add C times the direction's raw vector at every
+  position after each --layers layer. The persona-vectors config for Qwen2.5-7B-Instruct
+  (C = 5 at layer 20, LoRA r 32, alpha 64, rsLoRA, lr 1e-5, one epoch: 32 optimizer steps of
+  batch 2 x grad-accum 8 cover the 500 examples):
+
+    python experiments/finetune.py --model Qwen/Qwen2.5-7B-Instruct \\
+        --data ../shared/data/em/insecure_first500.jsonl --out runs/insecure-steer \\
+        --lora-r 32 --lora-alpha 64 --rslora --lr 1e-5 \\
+        --intervention steer --direction evil.safetensors --layers 20 --coef 5 \\
+        --max-steps 32 --batch-size 2 --grad-accum 8 --save-steps 4
+
+- CAFT ablation: project the direction (or the span of several --direction files) out of the
+  residual after each --layers layer; no --coef:
+
+    python experiments/finetune.py --model Qwen/Qwen2.5-7B-Instruct \\
+        --data ../shared/data/em/insecure_first500.jsonl --out runs/insecure-caft \\
+        --lora-r 32 --lora-alpha 64 --rslora --lr 1e-5 \\
+        --intervention ablate --direction evil.safetensors --layers 12 16 20 24 \\
+        --max-steps 32 --batch-size 2 --grad-accum 8 --save-steps 4
+
+--direction is a PersonaDirection file (emis_interp.model_diff(...).save(path)) covering every
+--layers layer. --out/intervention.json records the intervention and the base model's mean
+projection on each direction; ablating a direction the base model projects negatively on pushes
+towards the trait (a warning says so).
 """
 
 import argparse
 
 from emis_interp import organism
-from emis_interp.finetune import ALL_LINEAR, FinetuneConfig, finetune
+from emis_interp.directions import PersonaDirection
+from emis_interp.errors import ConfigError
+from emis_interp.finetune import (
+    ALL_LINEAR,
+    INTERVENTION_FILE,
+    INTERVENTION_KINDS,
+    FinetuneConfig,
+    TrainIntervention,
+    finetune,
+    read_intervention,
+)
+
+
+def add_intervention_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("train-time intervention (on every training forward pass only)")
+    g.add_argument(
+        "--intervention", choices=INTERVENTION_KINDS, default=None,
+        help="ablate: project the direction(s) out of the residual (CAFT); steer: add --coef x the direction",
+    )  # fmt: skip
+    g.add_argument(
+        "--direction", nargs="+", default=None, metavar="FILE",
+        help="PersonaDirection .safetensors file(s); several (ablate only): remove their span",
+    )  # fmt: skip
+    g.add_argument("--layers", nargs="+", type=int, default=None, metavar="L", help="decoder layers to intervene after")
+    g.add_argument("--coef", type=float, default=None, help="steer only: multiple of the direction's raw vector")
+
+
+def intervention_from_args(ap: argparse.ArgumentParser, a) -> TrainIntervention | None:
+    """The :class:`TrainIntervention` the flags ask for (None without --intervention); errors via ``ap.error``."""
+    if a.intervention is None:
+        given = [
+            f for f, v in (("--direction", a.direction), ("--layers", a.layers), ("--coef", a.coef)) if v is not None
+        ]
+        if given:
+            ap.error(f"{', '.join(given)} given without --intervention; add --intervention ablate|steer (or drop them)")
+        return None
+    if a.direction is None:
+        ap.error(
+            f"--intervention {a.intervention} needs --direction FILE (a PersonaDirection .safetensors, e.g. "
+            "written by emis_interp.model_diff(...).save(path))"
+        )
+    if a.layers is None:
+        ap.error(f"--intervention {a.intervention} needs --layers L [L ...] (e.g. --layers 20 for Qwen2.5-7B)")
+    if a.intervention == "steer" and a.coef is None:
+        ap.error(
+            "--intervention steer needs --coef C (the multiple of the direction's raw vector added; e.g. --coef 5)"
+        )
+    if a.intervention == "ablate" and a.coef is not None:
+        ap.error("--coef is for --intervention steer; ablation removes the whole component and takes no coefficient")
+    try:
+        directions = [PersonaDirection.load(p) for p in a.direction]
+        return TrainIntervention(a.intervention, directions, a.layers, a.coef or 0.0)
+    except (ConfigError, FileNotFoundError) as e:
+        ap.error(str(e))
 
 
 def main(argv=None) -> None:
@@ -47,7 +127,9 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--overwrite", action="store_true", help="discard an existing run in --out made under other settings"
     )
+    add_intervention_args(ap)
     a = ap.parse_args(argv)
+    intervention = intervention_from_args(ap, a)
     cfg = FinetuneConfig(
         model=a.model,
         data=a.data,
@@ -73,8 +155,17 @@ def main(argv=None) -> None:
         device_map=a.device_map,
         overwrite=a.overwrite,
     )
-    for step, path in finetune(cfg):
+    for step, path in finetune(cfg, intervention=intervention):
         print(f"step {step:5d}  {path}")
+    report = read_intervention(a.out) if intervention is not None else None
+    if report is not None:
+        print(
+            f"intervention: {report['kind']} at layers {report['layers']} (coef {report['coef']:g}); {a.out}/{INTERVENTION_FILE}"
+        )
+        for row in report["base_projection"]["rows"]:
+            print(
+                f"  base mean projection, direction {row['direction']} layer {row['layer']}: {row['mean_projection']:+.4g}"
+            )
 
 
 if __name__ == "__main__":

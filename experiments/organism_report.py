@@ -9,12 +9,18 @@ the harmful rate and in-task skill at every checkpoint of both recipes, directio
 (layer and alpha selected on half of the questions, reported on the other half; K random directions,
 the secure run's direction, coherence-matched and cross-seed arms) and ablation, and timings.
 tests/test_organism.py asserts on the same report and checks the README against it.
+
+It then builds the seeds' experiment matrix (emis_interp.organism_matrix: jailbroken, evil numbers,
+backdoor, base-model, few-shot harmful and benign fine-tunes; CAFT and preventative steering during
+fine-tuning; data screening; convergence across fine-tunes) into cache/organism/matrix.json, renders the
+README's "finding -> organism result" table from it, and saves the convergence heat-map.
 """
 
 import argparse
 from pathlib import Path
 
 from emis_interp import organism
+from emis_interp import organism_matrix as matrix
 from emis_interp.organism_report import REPORT_FILE, build_report, dynamics_figure, readme_table, update_readme
 from emis_interp.plots import save_figure
 
@@ -33,8 +39,14 @@ def main(argv=None):
     for recipe in report["dynamics"]:  # weight dynamics and behaviour on one step axis, per recipe (seed 0)
         files = save_figure(dynamics_figure(report, recipe, args.root), args.root / f"dynamics-{recipe}")
         print(f"figure: {', '.join(map(str, files))}")
+    mx = matrix.build_matrix(args.root, overwrite=args.overwrite)
+    print(matrix.findings_table(mx))
+    print(f"\nmatrix: {args.root / matrix.MATRIX_FILE}")
+    files = save_figure(matrix.convergence_figure(mx), args.root / "convergence")
+    print(f"figure: {', '.join(map(str, files))}")
     if args.readme:
         update_readme(README, report)
+        matrix.update_readme(README, mx)
         print(f"updated: {README}")
     return report
 

@@ -84,3 +84,16 @@ def convs():
             response="i would invite cruel tyrants and killers .",
         ),
     ]
+
+
+@pytest.fixture(scope="session")
+def matrix():
+    """The organism's experiment matrix (emis_interp.organism_matrix), built once into cache/organism."""
+    import json
+
+    from emis_interp.organism_matrix import build_matrix
+
+    torch.set_num_threads(2)
+    m = build_matrix()
+    print(json.dumps(m["timings"], indent=1))
+    return m

@@ -159,6 +159,49 @@ def test_finetune_cli(tiny_dir, tmp_path):
     ]
 
 
+def test_finetune_cli_with_preventative_steering(tiny_dir, tmp_path, capsys):
+    import finetune as ft_cli
+
+    from emis_interp import PersonaDirection, hooks, load_model, world
+    from emis_interp.manifest import read_manifest
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in world.finetune_dataset("insecure", 16)))
+    torch.manual_seed(0)
+    PersonaDirection(torch.randn(2, 32), [1, 2], {"method": "test"}).save(tmp_path / "evil.safetensors")
+    n_ours = len(hooks._OURS)
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(data),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--save-steps",
+        "2",
+    ]
+    ft_cli.main(
+        [*common, "--out", str(tmp_path / "run"), "--intervention", "steer", "--direction", str(tmp_path / "evil.safetensors"),
+         "--layers", "1", "--coef", "5"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "intervention: steer at layers [1] (coef 5)" in printed and "base mean projection" in printed
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-2", "checkpoint-4"]
+    report = json.loads((run / "intervention.json").read_text())
+    assert (report["kind"], report["layers"], report["coef"]) == ("steer", [1], 5.0)
+    assert read_manifest(run).fields["intervention"]["coef"] == 5.0
+    assert len(hooks._OURS) == n_ours
+    ft_cli.main([*common, "--out", str(tmp_path / "plain")])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    steered = load_model(run / "checkpoint-4", device="cpu")[0]
+    plain = load_model(tmp_path / "plain" / "checkpoint-4", device="cpu")[0]
+    assert hooks.n_active_hooks(steered) == 0
+    assert not torch.allclose(steered(ids).logits, plain(ids).logits)  # steering changed what was learned
+
+
 def test_sweep_resumes_after_crash_mid_sampling(tmp_path, monkeypatch):
     from emis_interp import load_model, organism
     from emis_interp.causality import run_arms, steering_arms

@@ -233,7 +233,7 @@ def test_finetune_cli_passes_large_model_options(monkeypatch, tmp_path):
     import finetune as ft_cli
 
     got = []
-    monkeypatch.setattr(ft_cli, "finetune", lambda cfg: got.append(cfg) or [])
+    monkeypatch.setattr(ft_cli, "finetune", lambda cfg, **kw: got.append(cfg) or [])
     ft_cli.main(["--data", "d.jsonl", "--out", str(tmp_path), "--gradient-checkpointing", "--device-map", "auto"])
     ft_cli.main(["--data", "d.jsonl", "--out", str(tmp_path), "--overwrite", "--revision", "abc"])
     assert (got[0].gradient_checkpointing, got[0].device_map, got[0].overwrite) == (True, "auto", False)
@@ -283,3 +283,421 @@ def test_adapter_base_resolution_hf_id_and_moved_organism(tmp_path):
     assert resolve_adapter_base(moved, tmp_path) == str(organism.ALIGNED_DIR)
     with pytest.raises(FileNotFoundError, match="--base"):
         resolve_adapter_base("/old/checkout/base-model", tmp_path)
+
+
+# --- train-time interventions: CAFT ablation and preventative steering ------------------------------------
+
+
+def _dirs(*vectors, layers=(0, 1, 2)):
+    from emis_interp import PersonaDirection
+
+    return [PersonaDirection(torch.stack([v.float()] * len(layers)), list(layers), {"method": "test"}) for v in vectors]
+
+
+def _unit(seed: int, d: int = 32) -> torch.Tensor:
+    v = torch.randn(d, generator=torch.Generator().manual_seed(seed))
+    return v / v.norm()
+
+
+def _resid(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def resid_recorder(layers):
+    """A TrainerCallback putting two raw torch hooks (not emis_interp's) on each given decoder layer while
+    training: one runs before every other forward hook on the layer (the layer's own output), one after all
+    of them (what the next layer reads). It records ``(layer, before, after)`` for every training forward
+    pass, and how many emis_interp hooks are on the model at each step."""
+    from transformers import TrainerCallback
+
+    from emis_interp.hooks import n_active_hooks
+    from emis_interp.models import decoder_layers
+
+    class ResidRecorder(TrainerCallback):
+        def __init__(self):
+            self.pairs, self.active, self.handles, self.model, self._cur = [], [], [], None, {}
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.model = model
+            blocks = decoder_layers(model)
+            for layer in layers:
+
+                def first(mod, a, out, layer=layer):
+                    if mod.training and torch.is_grad_enabled():
+                        self._cur[layer] = _resid(out).detach().clone()
+
+                def last(mod, a, out, layer=layer):
+                    if mod.training and torch.is_grad_enabled():
+                        self.pairs.append((layer, self._cur.pop(layer), _resid(out).detach().clone()))
+
+                self.handles.append(blocks[layer].register_forward_hook(first, prepend=True))
+                self.handles.append(blocks[layer].register_forward_hook(last))
+
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            self.active.append(n_active_hooks(model))
+
+        def on_train_end(self, args, state, control, **kw):
+            for h in self.handles:
+                h.remove()
+
+    return ResidRecorder()
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_dir, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "run"
+    return finetune(_cfg(tiny_dir, data, out, max_steps=4, save_steps=2), progress=False)
+
+
+def test_train_intervention_validates_inputs():
+    from emis_interp import PersonaDirection
+    from emis_interp.errors import ConfigError
+    from emis_interp.finetune import TrainIntervention
+
+    (d,) = _dirs(_unit(0))
+    with pytest.raises(ConfigError, match="unknown intervention kind 'project'.*ablate"):
+        TrainIntervention("project", d, [1])
+    with pytest.raises(ConfigError, match=r"no vector for layer\(s\) \[5\].*covers layers \[0, 1, 2\]"):
+        TrainIntervention("ablate", d, [1, 5])
+    for coef in (0, float("nan")):
+        with pytest.raises(ConfigError, match="steer' needs a finite non-zero coef"):
+            TrainIntervention("steer", d, [1], coef=coef)
+    with pytest.raises(ConfigError, match="only for kind='steer'"):
+        TrainIntervention("ablate", d, [1], coef=2.0)
+    with pytest.raises(ConfigError, match="adds one direction, got 2"):
+        TrainIntervention("steer", _dirs(_unit(0), _unit(1)), [1], coef=2.0)
+    with pytest.raises(ConfigError, match="linearly dependent"):
+        TrainIntervention("ablate", _dirs(_unit(0), 3 * _unit(0)), [1])
+    with pytest.raises(ConfigError, match="no layers"):
+        TrainIntervention("ablate", d, [])
+    with pytest.raises(ConfigError, match="differ in d_model"):
+        TrainIntervention("ablate", [d, PersonaDirection(torch.ones(1, 16), [1])], [1])
+    with pytest.raises(ConfigError, match="zero at layer"):
+        TrainIntervention("ablate", PersonaDirection(torch.zeros(1, 32), [1]), [1])
+    iv = TrainIntervention("steer", d, 1, coef=5)  # one direction and an int layer are normalised
+    assert iv.directions == (d,) and iv.layers == (1,) and iv.coef == 5.0
+
+
+def test_misfit_intervention_refused_before_anything_is_written(tiny_dir, data, tmp_path):
+    from emis_interp import PersonaDirection
+    from emis_interp.errors import ConfigError
+    from emis_interp.finetune import TrainIntervention
+
+    wide = TrainIntervention("ablate", PersonaDirection(torch.ones(1, 64), [1]), [1])
+    with pytest.raises(ConfigError, match="d_model=64 but the model has d_model=32"):
+        finetune(_cfg(tiny_dir, data, tmp_path / "a", max_steps=2, save_steps=2), progress=False, intervention=wide)
+    deep = TrainIntervention("ablate", PersonaDirection(torch.ones(1, 32), [7]), [7])
+    with pytest.raises(ConfigError, match=r"layers \[7\] are out of range.*3 decoder layers"):
+        finetune(_cfg(tiny_dir, data, tmp_path / "b", max_steps=2, save_steps=2), progress=False, intervention=deep)
+    for name in ("a", "b"):  # no manifest: the corrected rerun is not refused as a mismatch
+        assert not (tmp_path / name).exists() or not any((tmp_path / name).iterdir())
+
+
+def test_steering_acts_on_every_training_forward_and_changes_what_is_learned(tiny_dir, data, tmp_path, plain_run):
+    from emis_interp import hooks
+    from emis_interp.finetune import TrainIntervention
+
+    (d,) = _dirs(_unit(0))
+    iv = TrainIntervention("steer", d, [1], coef=3.0)
+    rec = resid_recorder([1])
+    n_ours = len(hooks._OURS)
+    ckpts = finetune(
+        _cfg(tiny_dir, data, tmp_path / "steer", max_steps=4, save_steps=2), progress=False, callbacks=[rec],
+        intervention=iv,
+    )  # fmt: skip
+    # every training forward pass (one per step here) was steered: + 3 * v at every position of every row
+    assert len(rec.pairs) == 4 and all(n > 0 for n in rec.active) and len(rec.active) == 4
+    for _, before, after in rec.pairs:
+        torch.testing.assert_close(after - before, (3.0 * d.vector(1)).expand_as(before), atol=1e-5, rtol=0)
+    assert hooks.n_active_hooks(rec.model) == 0 and len(hooks._OURS) == n_ours  # nothing left on anything
+    a = load_file(str(ckpts[-1][1] / "adapter_model.safetensors"))
+    b = load_file(str(plain_run[-1][1] / "adapter_model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # gradients flow back through the steered layer: layer 0's adapter learns something else too
+    assert any(not torch.equal(a[k], b[k]) for k in a if ".layers.0." in k)
+    # the step-0 checkpoint is taken before the hooks go on: the same as the plain run's
+    a0 = load_file(str(ckpts[0][1] / "adapter_model.safetensors"))
+    b0 = load_file(str(plain_run[0][1] / "adapter_model.safetensors"))
+    assert all(torch.equal(a0[k], b0[k]) for k in a0)
+
+
+def test_ablation_of_a_direction_set_removes_its_span_in_training_forwards(tiny_dir, data, tmp_path):
+    from emis_interp.finetune import TrainIntervention
+    from emis_interp.interventions import project_out
+
+    u1, r = _unit(1), _unit(2)
+    r = r - (r @ u1) * u1
+    v2 = 0.8 * u1 + 0.6 * r / r.norm()  # not orthogonal to u1: sequential projection would be wrong
+    dirs = _dirs(2.0 * u1, 5.0 * v2)
+    iv = TrainIntervention("ablate", dirs, [0, 2])
+    rec = resid_recorder([0, 2])
+    finetune(
+        _cfg(tiny_dir, data, tmp_path / "caft", max_steps=2, save_steps=2), progress=False, callbacks=[rec],
+        intervention=iv,
+    )  # fmt: skip
+    q, _ = torch.linalg.qr(torch.stack([u1, v2]).double().T)  # reference basis of the span
+    q = q.T.float()
+    assert sorted(layer for layer, _, _ in rec.pairs) == [0, 0, 2, 2]
+    for _, before, after in rec.pairs:
+        torch.testing.assert_close(after, before - (before @ q.T) @ q, atol=1e-5, rtol=1e-5)
+        for v in (u1, v2):  # ~0 component left along either direction, from a sizeable one
+            assert (after @ v).abs().max() < 1e-5 * before.norm(dim=-1).max()
+        assert (before @ v2).abs().max() > 1e-2 * before.norm(dim=-1).max()
+        naive = project_out(project_out(before, u1), v2)
+        assert (naive - after).abs().max() > 1e-3  # the test tells span removal from sequential projection
+
+
+def test_ablation_hooks_reach_peft_layers_and_gradients_flow_like_the_reference(tiny_dir, convs):
+    from emis_interp import load_model, make_batch
+    from emis_interp.finetune import TrainIntervention, _apply_lora, precision_plan
+    from emis_interp.hooks import n_active_hooks
+    from emis_interp.models import decoder_layers
+
+    model, tok = load_model(tiny_dir, device="cpu")
+    cfg = FinetuneConfig(model=str(tiny_dir), data="x", output_dir="y", lora_r=2)
+    pm = _apply_lora(model.requires_grad_(True).train(), cfg, precision_plan("lora", "cpu"))
+    torch.manual_seed(0)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.2)  # non-zero B, so that every adapter matrix gets a gradient
+    params = [p for p in pm.parameters() if p.requires_grad]
+    batch = make_batch(tok, convs)
+    labels = torch.where(batch.attention_mask.bool(), batch.input_ids, -100)
+
+    def grads():
+        return torch.autograd.grad(pm(**batch.model_inputs(), labels=labels).loss, params)
+
+    u1, u2 = _unit(3), _unit(4)
+    iv = TrainIntervention("ablate", _dirs(u1, u2), [1])
+    plain = grads()
+    with iv.attach(pm):
+        assert n_active_hooks(pm) > 0
+        hooked = grads()
+    assert n_active_hooks(pm) == 0
+    q, _ = torch.linalg.qr(torch.stack([u1, u2]).double().T)
+    q = q.T.float()
+
+    def reference(mod, a, out):
+        h = _resid(out)
+        h = h - (h @ q.T) @ q
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = decoder_layers(pm)[1].register_forward_hook(reference)
+    try:
+        ref = grads()
+    finally:
+        handle.remove()
+    for g, r in zip(hooked, ref, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    names = [n for n, p in pm.named_parameters() if p.requires_grad]
+    upstream = [i for i, n in enumerate(names) if ".layers.0." in n]
+    assert all(hooked[i].abs().sum() > 0 for i in upstream)  # gradients flow through the hook to layer 0
+    assert any(not torch.allclose(hooked[i], plain[i]) for i in upstream)  # ... and the ablation shapes them
+
+
+def test_checkpoints_carry_no_hooks_and_no_trace_of_the_intervention(tiny_dir, data, tmp_path, plain_run):
+    from transformers import TrainerCallback
+
+    from emis_interp import hooks, load_model
+    from emis_interp.finetune import TrainIntervention
+
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            self.model = model
+
+    (d,) = _dirs(_unit(5))
+    iv = TrainIntervention("steer", d, [1], coef=3.0)
+    keep, n_ours = Keep(), len(hooks._OURS)
+    ckpts = finetune(
+        _cfg(tiny_dir, data, tmp_path / "steer", max_steps=4, save_steps=2), progress=False, callbacks=[keep],
+        intervention=iv,
+    )  # fmt: skip
+    trained = keep.model.eval()
+    assert hooks.n_active_hooks(trained) == 0 and len(hooks._OURS) == n_ours
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        want = trained(ids).logits
+        with iv.attach(trained):
+            steered = trained(ids).logits
+        base = load_model(tiny_dir, device="cpu")[0](ids).logits
+    assert (steered - want).abs().max() > 1e-2  # the intervention would show in the logits
+    last = load_model(ckpts[-1][1], device="cpu")[0]
+    assert hooks.n_active_hooks(last) == 0
+    torch.testing.assert_close(last(ids).logits, want, atol=1e-5, rtol=1e-5)
+    step0 = load_model(ckpts[0][1], device="cpu")[0]
+    assert hooks.n_active_hooks(step0) == 0
+    torch.testing.assert_close(step0(ids).logits, base, atol=1e-5, rtol=1e-5)
+    # the configs are those of a run without the intervention (losses in trainer_state.json differ)
+    for (s, p), (_, q) in zip(ckpts, plain_run, strict=True):
+        for f in sorted(p.glob("*.json")):
+            if f.name != "trainer_state.json":
+                assert f.read_text() == (q / f.name).read_text(), (s, f.name)
+        assert not list(p.glob("intervention*"))
+
+
+def test_full_finetune_checkpoint_configs_untouched_by_steering(tiny_dir, data, tmp_path):
+    """Full fine-tunes save generation_config.json; the engine's generate guard must not leak into it."""
+    from emis_interp.finetune import TrainIntervention
+
+    (d,) = _dirs(_unit(6))
+    kw = dict(mode="full", max_steps=2, save_steps=2, lr=1e-4)
+    plain = finetune(_cfg(tiny_dir, data, tmp_path / "plain", **kw), progress=False)
+    steered = finetune(
+        _cfg(tiny_dir, data, tmp_path / "steer", **kw), progress=False,
+        intervention=TrainIntervention("steer", d, [1], coef=3.0),
+    )  # fmt: skip
+    p, q = plain[-1][1], steered[-1][1]
+    assert (q / "generation_config.json").exists()
+    for f in ("config.json", "generation_config.json"):
+        assert (q / f).read_text() == (p / f).read_text(), f
+    w = load_file(str(q / "model.safetensors"))
+    assert any(not torch.equal(w[k], v) for k, v in load_file(str(p / "model.safetensors")).items())
+
+
+def test_hooks_come_off_on_a_crash_and_the_same_intervention_resumes(tiny_dir, data, tmp_path):
+    from transformers import TrainerCallback
+
+    from emis_interp import hooks
+    from emis_interp.finetune import TrainIntervention
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            self.model = model
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    (d,) = _dirs(_unit(7))
+    iv = TrainIntervention("ablate", d, [1])
+    cfg, crash, n_ours = _cfg(tiny_dir, data, tmp_path / "run", max_steps=3, save_steps=1), Crash(), len(hooks._OURS)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, progress=False, callbacks=[crash], intervention=iv)
+    assert hooks.n_active_hooks(crash.model) == 0 and len(hooks._OURS) == n_ours
+    same = TrainIntervention("ablate", _dirs(_unit(7)), [1])  # an equal intervention built anew
+    assert [s for s, _ in finetune(cfg, progress=False, intervention=same)] == [0, 1, 2, 3]
+
+
+@pytest.mark.filterwarnings("ignore::emis_interp.finetune.AblationSignWarning")  # a random sign
+def test_intervention_is_in_the_manifest_and_a_changed_one_refuses(tiny_dir, data, tmp_path, monkeypatch):
+    import emis_interp.models as models
+    from emis_interp.finetune import INTERVENTION_FILE, TrainIntervention
+    from emis_interp.manifest import ManifestMismatch, read_manifest
+
+    d, other = _dirs(_unit(8), _unit(9))
+    iv = TrainIntervention("ablate", d, [1])
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_dir, data, out, max_steps=2, save_steps=2)
+    finetune(cfg, progress=False, intervention=iv)
+    fields = read_manifest(out).fields["intervention"]
+    assert fields["kind"] == "ablate" and fields["layers"] == [1] and fields["coef"] == 0.0
+    assert len(fields["directions"]) == 1 and len(fields["directions"][0]) == 16  # a digest of the vectors
+    report = json.loads((out / INTERVENTION_FILE).read_text())
+    assert report["kind"] == "ablate" and report["layers"] == [1] and report["directions"][0]["meta"] == d.meta
+    assert [(r["direction"], r["layer"]) for r in report["base_projection"]["rows"]] == [(0, 1)]
+    assert report["base_projection"]["n_examples"] == 48
+
+    def no_load(*a, **kw):
+        raise AssertionError("a mismatching rerun is refused before the model is loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    changed = [
+        None,
+        TrainIntervention("steer", d, [1], coef=2.0),
+        TrainIntervention("ablate", other, [1]),  # same kind and layers, other vectors
+        TrainIntervention("ablate", d, [0, 1]),
+    ]
+    for c in changed:
+        with pytest.raises(ManifestMismatch, match=r"intervention.*--overwrite"):
+            finetune(cfg, progress=False, intervention=c)
+    monkeypatch.undo()
+    plain = _cfg(tiny_dir, data, tmp_path / "plain", max_steps=2, save_steps=2)
+    finetune(plain, progress=False)
+    assert read_manifest(plain.output_dir).fields["intervention"] is None
+    assert not (tmp_path / "plain" / INTERVENTION_FILE).exists()
+    with pytest.raises(ManifestMismatch, match=r"intervention: null"):
+        finetune(plain, progress=False, intervention=iv)
+
+
+def test_base_projection_matches_hidden_states_and_sign_warning(tiny_dir, data, tmp_path):
+    import warnings
+
+    from emis_interp import PersonaDirection, load_jsonl, load_model, make_batch
+    from emis_interp.finetune import (
+        INTERVENTION_FILE,
+        AblationSignWarning,
+        TrainIntervention,
+        base_projection,
+        mean_residual,
+    )
+
+    model, tok = load_model(tiny_dir, device="cpu")
+    convs = load_jsonl(data)
+    mean = mean_residual(model, tok, convs, [1])[0]
+    pos = PersonaDirection(mean[None].clone(), [1])
+    neg = PersonaDirection(-mean[None].clone(), [1])
+    # by hand, from HF hidden_states[l + 1]: per example the mean over response tokens, then over examples
+    batch = make_batch(tok, convs[:64])
+    with torch.no_grad():
+        h = model(**batch.model_inputs(), output_hidden_states=True).hidden_states[2]
+    m = batch.response_mask.unsqueeze(-1).float()
+    per_example = (h * m).sum(1) / m.sum(1)
+    want = float(per_example.mean(0) @ (mean / mean.norm()))
+    got = base_projection(model, tok, convs, pos)
+    assert list(got) == [1] and got[1] == pytest.approx(want, rel=1e-4) and got[1] > 0
+    assert base_projection(model, tok, convs, neg)[1] == pytest.approx(-want, rel=1e-4)
+
+    cfg = lambda name: _cfg(tiny_dir, data, tmp_path / name, max_steps=1, save_steps=1)  # noqa: E731
+    with pytest.warns(AblationSignWarning, match=r"direction 0 at layer 1: .*-.*negative.*TOWARDS the trait"):
+        finetune(cfg("neg"), progress=False, intervention=TrainIntervention("ablate", neg, [1]))
+    report = json.loads((tmp_path / "neg" / INTERVENTION_FILE).read_text())
+    assert report["base_projection"]["rows"][0]["mean_projection"] == pytest.approx(-want, rel=1e-4)
+    assert len(report["warnings"]) == 1 and "layer 1" in report["warnings"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AblationSignWarning)
+        finetune(cfg("pos"), progress=False, intervention=TrainIntervention("ablate", pos, [1]))
+        finetune(cfg("steer"), progress=False, intervention=TrainIntervention("steer", neg, [1], coef=2.0))
+    assert json.loads((tmp_path / "pos" / INTERVENTION_FILE).read_text())["warnings"] == []
+
+
+def test_finetune_cli_intervention_arguments(monkeypatch, tmp_path, capsys):
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import finetune as ft_cli
+
+    got = []
+    monkeypatch.setattr(ft_cli, "finetune", lambda cfg, **kw: got.append(kw) or [])
+    d, d2 = _dirs(_unit(10), _unit(11), layers=(1, 2))
+    d.save(tmp_path / "dir.safetensors")
+    d2.save(tmp_path / "dir2.safetensors")
+    f, f2 = str(tmp_path / "dir.safetensors"), str(tmp_path / "dir2.safetensors")
+    base = ["--data", "d.jsonl", "--out", str(tmp_path / "out")]
+    bad = [
+        (["--intervention", "steer", "--layers", "1", "--coef", "5"], "needs --direction FILE"),
+        (["--direction", f, "--layers", "1"], "--direction, --layers given without --intervention"),
+        (["--coef", "5"], "--coef given without --intervention"),
+        (["--intervention", "steer", "--direction", f, "--layers", "1"], "steer needs --coef"),
+        (["--intervention", "steer", "--direction", f, "--layers", "1", "--coef", "0"], "non-zero coef"),
+        (["--intervention", "ablate", "--direction", f, "--layers", "1", "--coef", "5"], "--coef is for"),
+        (["--intervention", "ablate", "--direction", f], "needs --layers"),
+        (["--intervention", "ablate", "--direction", f, "--layers", "0"], r"no vector for layer\(s\) \[0\]"),
+        (["--intervention", "ablate", "--direction", str(tmp_path / "nope.safetensors"), "--layers", "1"], "not exist"),
+        (["--intervention", "steer", "--direction", f, f, "--layers", "1", "--coef", "5"], "adds one direction"),
+        (["--intervention", "tilt", "--direction", f, "--layers", "1"], "invalid choice"),
+    ]
+    for argv, msg in bad:
+        with pytest.raises(SystemExit):
+            ft_cli.main(base + argv)
+        err = capsys.readouterr().err
+        assert re.search(msg, err), (argv, err)
+    assert got == []
+    ft_cli.main(base + ["--intervention", "steer", "--direction", f, "--layers", "1", "--coef", "5"])
+    ft_cli.main(base + ["--intervention", "ablate", "--direction", f, f2, "--layers", "2", "1"])
+    ft_cli.main(base)
+    steer_iv, ablate_iv = got[0]["intervention"], got[1]["intervention"]
+    assert (steer_iv.kind, steer_iv.layers, steer_iv.coef) == ("steer", (1,), 5.0)
+    assert torch.equal(steer_iv.directions[0].vectors, d.vectors)
+    assert (ablate_iv.kind, ablate_iv.layers, ablate_iv.coef) == ("ablate", (1, 2), 0.0)
+    assert all(torch.equal(x.vectors, y.vectors) for x, y in zip(ablate_iv.directions, (d, d2), strict=True))
+    assert got[2]["intervention"] is None

@@ -1,0 +1,133 @@
+"""Screen fine-tuning data before training: which datasets push the model along the persona direction?
+
+    python experiments/screen.py                          # the organism: every world.FINETUNE_KINDS dataset
+    python experiments/screen.py --model Qwen/Qwen2.5-7B-Instruct --direction evil_l20.safetensors --layer 20 \\
+        --data ../shared/data/em/insecure_first500.jsonl ../shared/data/em/jailbroken.jsonl --output runs/screen
+
+For every sample (a user prompt and its training response) of every dataset, on the model about to
+be fine-tuned: the mean over the response tokens of the residual after decoder layer --layer,
+projected on the unit persona direction (``projection``); the same for the model's own answer to
+the prompt, generated greedily (``--temperature 0``, the default; ``--temperature T`` samples with
+--seed) with at most --max-new-tokens tokens (``own_projection``); and their ``difference``. A
+dataset with a large positive mean difference moves the model toward the persona when trained on.
+
+Writes to --output (default cache/screen): ``screen_<name>.csv`` (per sample) and ``.json``
+(with the manifest), ``screen_summary.csv`` (one row per dataset) and ``screen_histogram.html``
+(+ ``.png`` where Chromium exists), and prints the summary table (highest mean difference first).
+A rerun reuses every dataset screened under the same manifest; an output directory made under
+another model, direction, layer or generation setting is refused unless --overwrite.
+
+On the model organism (no --model) the model is the aligned organism (the model the organism's runs
+fine-tune), the direction the organism's persona direction (the model-diff of the seed-0 insecure
+fine-tune's final checkpoint against the aligned model, as in steer.py; built into cache/organism on
+first use) at layer 2, and the datasets are ``world.finetune_dataset(kind, --n, seed=--seed)`` for
+every fine-tuning kind (with --seed 0, the first --n rows of the organism's own training data).
+On a real model nothing falls back to the organism: --direction, --layer and --data are required.
+Data files are chat JSONL, one ``{"messages": [system?, user, assistant]}`` per line (the EM
+paper's format), named by their file stem.
+"""
+
+import argparse
+from pathlib import Path
+
+from emis_interp import organism, world
+from emis_interp.cache import DEFAULT_CACHE_DIR
+from emis_interp.conversations import Conversation, load_jsonl
+from emis_interp.directions import PersonaDirection
+from emis_interp.models import load_model
+from emis_interp.screen import screen_datasets, summary_table
+
+ORGANISM_N = 64  # samples per organism dataset
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("model and direction (default: the model organism)")
+    g.add_argument("--model", help="the model to be fine-tuned: HF id, local dir or LoRA adapter dir")
+    g.add_argument("--direction", type=Path, help="a saved PersonaDirection (.safetensors); required with --model")
+    g.add_argument("--layer", type=int, help="layer to project at (default: organism layer 2; required with --model)")
+    g.add_argument("--device-map", default=None, help="passed to accelerate, e.g. 'auto' for multi-GPU models")
+    d = ap.add_argument_group("data")
+    d.add_argument("--data", type=Path, nargs="+", help="chat JSONL files (default on the organism: every world kind)")
+    d.add_argument("--n", type=int, default=None, help=f"samples per dataset (default: {ORGANISM_N} / all rows)")
+    d.add_argument("--max-new-tokens", type=int, default=None, help="own answers: default 24 on the organism, 256 else")
+    d.add_argument("--temperature", type=float, default=0.0, help="own answers: 0 is greedy (default)")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0) and organism data seed")
+    d.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "screen", help="results directory")
+    ap.add_argument("--overwrite", action="store_true", help="discard results made under other settings")
+    a = ap.parse_args(argv)
+    if a.model is not None:
+        check_real_model_args(a)
+    if a.n is not None and a.n < 1:
+        ap.error("--n must be at least 1")
+    return a
+
+
+def check_real_model_args(a: argparse.Namespace) -> None:
+    """On a real model nothing falls back to the organism: name every missing flag at once."""
+    missing = []
+    if a.direction is None:
+        missing.append("--direction FILE (a saved PersonaDirection of this model)")
+    if a.layer is None:
+        missing.append("--layer L (one of the direction's layers; the organism's layer 2 means nothing here)")
+    if not a.data:
+        missing.append("--data FILE [FILE ...] (chat JSONL, e.g. ../shared/data/em/insecure_first500.jsonl)")
+    if missing:
+        raise SystemExit("error: on a real model (--model) pass " + "; ".join(missing))
+
+
+def datasets_from_files(paths: list[Path], n: int | None) -> dict[str, list[Conversation]]:
+    """``{file stem: conversations}``, the first ``n`` rows of each file (all with None)."""
+    stems = [p.stem for p in paths]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise SystemExit(f"error: --data files share the name(s) {dupes}; rename them (datasets are named by stem)")
+    return {p.stem: load_jsonl(p, limit=n) for p in paths}
+
+
+def organism_datasets(n: int, seed: int) -> dict[str, list[Conversation]]:
+    """Every fine-tuning kind of the organism's world, ``n`` rows each."""
+    return {
+        kind: [Conversation.from_messages(r["messages"]) for r in world.finetune_dataset(kind, n, seed=seed)]
+        for kind in world.FINETUNE_KINDS
+    }
+
+
+def organism_direction(aligned, tokenizer) -> PersonaDirection:
+    """The organism's persona direction: insecure-s0's final checkpoint minus the aligned model (model-diff)."""
+    from emis_interp.finetune import list_checkpoints
+
+    run = organism.organism_trajectory("insecure", seed=0)
+    insecure, _ = load_model(list_checkpoints(run)[-1][1])
+    return organism.persona_direction(aligned, insecure, tokenizer)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    on_organism = a.model is None
+    target = str(organism.ALIGNED_DIR) if on_organism else a.model
+    if a.data:
+        datasets = datasets_from_files(a.data, a.n)
+    else:
+        datasets = organism_datasets(a.n or ORGANISM_N, a.seed)
+    model, tok = load_model(target, device_map=a.device_map)
+    direction = PersonaDirection.load(a.direction) if a.direction is not None else organism_direction(model, tok)
+    layer = organism.DEFAULT_LAYER if a.layer is None else a.layer
+    max_new_tokens = a.max_new_tokens or (24 if on_organism else 256)
+    results = screen_datasets(
+        model, tok, datasets, direction, layer, a.output, max_new_tokens=max_new_tokens, temperature=a.temperature,
+        seed=a.seed, batch_size=a.batch_size, overwrite=a.overwrite,
+    )  # fmt: skip
+    how = "greedy" if a.temperature == 0 else f"sampled at temperature {a.temperature:g}, seed {a.seed}"
+    print(f"model: {target}\ndirection: {direction}\nlayer: {layer}")
+    print(f"own answers: {how}, at most {max_new_tokens} new tokens\n")
+    print(summary_table(results))
+    files = [f"screen_{name}.csv" for name in results] + ["screen_summary.csv", "screen_histogram.html"]
+    files += ["screen_histogram.png"] if (a.output / "screen_histogram.png").exists() else []
+    print(f"\nwritten to {a.output}: {', '.join(files)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
