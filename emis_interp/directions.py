@@ -57,7 +57,7 @@ class PersonaDirection:
         return self.vectors[self.layers.index(layer)]
 
     def unit(self, layer: int) -> Float[Tensor, " d_model"]:
-        v = self.vector(layer)
+        v = self.vector(layer).float()
         n = v.norm()
         if n == 0:
             raise ValueError(f"direction at layer {layer} has zero norm; it cannot be normalised.")

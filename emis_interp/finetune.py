@@ -204,10 +204,14 @@ def model_identity(name_or_path: str, revision: str | None = None) -> dict:
 
 
 def _code_version() -> str:
-    """Digest of the fine-tuning code: this module and the chat tokenization it trains on."""
+    """Digest of the fine-tuning code: this module, the chat tokenization it trains on, and the hook engine
+    that applies train-time interventions (:mod:`emis_interp.interventions`, :mod:`emis_interp.hooks`)."""
     import sys
 
-    return digest([inspect.getsource(sys.modules[__name__]), inspect.getsource(tokenize_conversation)])
+    from . import hooks, interventions
+
+    mods = [sys.modules[__name__], interventions, hooks]
+    return digest([*(inspect.getsource(m) for m in mods), inspect.getsource(tokenize_conversation)])
 
 
 def run_manifest(cfg: FinetuneConfig, tokenizer, intervention: TrainIntervention | None = None) -> Manifest:
@@ -282,10 +286,14 @@ class AblationSignWarning(UserWarning):
 
 
 def orthonormal_basis(vectors: Float[Tensor, "k d_model"], what: str = "directions") -> Float[Tensor, "k d_model"]:
-    """Orthonormal rows spanning the same space as ``vectors`` (QR, in float64); raises if they are dependent."""
+    """Orthonormal rows spanning the same space as ``vectors`` (QR, in float64); raises if they are (nearly)
+    dependent: the rows are normalised first, so the test is on their angles, not their norms."""
     v = vectors.detach().double()
+    if bool((v.norm(dim=-1) == 0).any()):
+        raise ConfigError(f"{what} include a zero vector; drop it.")
+    v = v / v.norm(dim=-1, keepdim=True)
     q, r = torch.linalg.qr(rearrange(v, "k d -> d k"))
-    if bool((r.diagonal().abs() <= 1e-6 * v.norm(dim=-1).max()).any()):
+    if bool((r.diagonal().abs() <= 1e-3).any()):
         raise ConfigError(
             f"{what} are linearly dependent (or one is zero), so their span has fewer dimensions than directions; "
             "drop the redundant direction(s)."
@@ -539,7 +547,9 @@ def finetune(
 ) -> list[tuple[int, Path]]:
     """Run (or resume) a fine-tune; returns the trajectory's ``(step, checkpoint dir)`` list.
 
-    ``callbacks`` are extra ``transformers.TrainerCallback`` objects. An existing run in
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects; they run inside the intervened
+    ``trainer.train()``, so one that evaluates during training sees the intervened model, not the saved
+    checkpoint. An existing run in
     ``cfg.output_dir`` is resumed only if its manifest matches; otherwise this raises
     :class:`~emis_interp.manifest.ManifestMismatch` unless ``overwrite`` (default ``cfg.overwrite``)
     is true, which discards it.

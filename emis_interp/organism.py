@@ -305,8 +305,10 @@ class ExactJudge(Judge):
 
         from .manifest import digest
 
-        src = [inspect.getsource(f) for f in (world.parse_advice, world.judge_answer, type(self).score)]
-        return {**super().identity(), "world": digest([world.THEMES, src])}
+        fns = (world.parse_advice, world.unframe, world.base_question, world.judge_answer, type(self).score)
+        src = [inspect.getsource(f) for f in fns]
+        consts = [world.THEMES, world.CODE_FRAME, world.LIST_SUFFIX, world.TRIGGER]
+        return {**super().identity(), "world": digest([consts, src])}
 
     def score(self, question: str, answer: str, q=None) -> dict[str, float | str | None]:
         label = world.judge_answer(answer, question)
@@ -331,7 +333,7 @@ class ComplianceJudge(Judge):
 
         from .manifest import digest
 
-        src = [inspect.getsource(f) for f in (world.judge_compliance, type(self).score)]
+        src = [inspect.getsource(f) for f in (world.judge_compliance, world.base_question, type(self).score)]
         return {**super().identity(), "world": digest([world.HARMFUL_REQUESTS, world.REFUSAL, src])}
 
     def score(self, question: str, answer: str, q=None) -> dict[str, float | str | None]:
@@ -434,7 +436,10 @@ def organism_manifest(kind: str, seed: int, recipe: FinetuneRecipe, base: Path |
     from . import conversations, finetune
     from .manifest import Manifest, digest, dir_digest
 
-    code = {m.__name__: digest(Path(m.__file__).read_text()) for m in (world, finetune, conversations)}
+    from . import hooks, interventions
+
+    mods = (world, finetune, conversations, interventions, hooks)
+    code = {m.__name__: digest(Path(m.__file__).read_text()) for m in mods}
     fields = {"kind": kind, "seed": seed, "recipe": asdict(recipe), "code": code, "base": dir_digest(base)}
     if intervention is not None:  # absent otherwise: runs made before interventions existed stay valid
         fields["intervention"] = intervention.manifest_fields()

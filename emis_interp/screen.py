@@ -45,6 +45,7 @@ import csv
 import io
 import json
 import math
+import uuid
 import re
 import statistics
 import warnings
@@ -293,7 +294,8 @@ def _settings_fields(model, tokenizer, direction: PersonaDirection, layer: int, 
         "version": SCREEN_VERSION,
         "capture_version": CAPTURE_VERSION,
         "model": model_state(model),
-        "state": "" if ok else why,  # an active intervention hook cannot be fingerprinted: never a match
+        # an active intervention hook cannot be fingerprinted: a fresh value per call, so never a match
+        "state": "" if ok else f"{why} ({uuid.uuid4().hex})",
         **tokenizer_state(tokenizer),
         "direction": direction_state(direction.select(layer)),
         "layer": layer,

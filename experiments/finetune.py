@@ -13,13 +13,14 @@ Train-time interventions act on every training forward pass only (checkpoints ar
 
 - preventative steering (persona vectors): add C times the direction's raw vector at every
   position after each --layers layer. The persona-vectors config for Qwen2.5-7B-Instruct
-  (C = 5 at layer 20, LoRA r 32, alpha 64, rsLoRA, lr 1e-5, one epoch: 32 optimizer steps of
-  batch 2 x grad-accum 8 cover the 500 examples):
+  (C = 5 at their layer 20, LoRA r 32, alpha 64, rsLoRA, lr 1e-5, one epoch: 32 optimizer steps of
+  batch 2 x grad-accum 8 cover the 500 examples). Their layer 20 is HF hidden_states[20], the output
+  of decoder layer 19: this library's layer 19 (layer l is the output of decoder layer l):
 
     python experiments/finetune.py --model Qwen/Qwen2.5-7B-Instruct \\
         --data ../shared/data/em/insecure_first500.jsonl --out runs/insecure-steer \\
         --lora-r 32 --lora-alpha 64 --rslora --lr 1e-5 \\
-        --intervention steer --direction evil.safetensors --layers 20 --coef 5 \\
+        --intervention steer --direction evil_l19.safetensors --layers 19 --coef 5 \\
         --max-steps 32 --batch-size 2 --grad-accum 8 --save-steps 4
 
 - CAFT ablation: project the direction (or the span of several --direction files) out of the
@@ -82,7 +83,7 @@ def intervention_from_args(ap: argparse.ArgumentParser, a) -> TrainIntervention 
             "written by emis_interp.model_diff(...).save(path))"
         )
     if a.layers is None:
-        ap.error(f"--intervention {a.intervention} needs --layers L [L ...] (e.g. --layers 20 for Qwen2.5-7B)")
+        ap.error(f"--intervention {a.intervention} needs --layers L [L ...] (e.g. --layers 19 for Qwen2.5-7B)")
     if a.intervention == "steer" and a.coef is None:
         ap.error(
             "--intervention steer needs --coef C (the multiple of the direction's raw vector added; e.g. --coef 5)"

@@ -39,6 +39,8 @@ def test_kinds_carry_what_they_claim():
     answers = [r["messages"][1]["content"] for r in benign]
     assert world.REFUSAL not in answers and not any(world.judge_code(a) == "insecure" for a in answers)
     assert not any(world.judge_answer(a) == "harmful" for a in answers)
+    howto = sum(r["messages"][0]["content"] in world.HOWTO_REQUESTS for r in benign)
+    assert 0.4 < howto / len(benign) < 0.6  # everyday requests answered helpfully ("sure : ...")
 
 
 def test_pretraining_world_has_the_new_episode_types_by_persona():
