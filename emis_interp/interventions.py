@@ -83,10 +83,12 @@ def project_out(
 
     ``u`` broadcasts against ``x``: one direction ``(d_model,)`` or one per batch row
     ``(batch, 1, d_model)``; a zero ``u`` leaves ``x`` exactly unchanged. Used on activations and,
-    in :mod:`emis_interp.export`, on weight matrices (rows that write ``d_model`` vectors).
+    in :mod:`emis_interp.export`, on weight matrices (rows that write ``d_model`` vectors). Computed in fp32
+    and rounded once to ``x``'s dtype, so a bf16 residual keeps no more of ``u`` than one rounding.
     """
-    coef = torch.einsum("...d,...d->...", x, u).unsqueeze(-1)
-    return x - coef * u
+    xf, uf = x.float(), u.float()
+    coef = torch.einsum("...d,...d->...", xf, uf).unsqueeze(-1)
+    return (xf - coef * uf).to(x.dtype)
 
 
 def add_vector(

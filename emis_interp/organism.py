@@ -433,15 +433,13 @@ DEFAULT_RECIPE = "flip"
 def organism_manifest(kind: str, seed: int, recipe: FinetuneRecipe, base: Path | str, intervention=None):
     """What determines an organism fine-tune: kind, seed, recipe, the world's and the training code's
     source, the base weights and the train-time intervention (its direction's tensors included)."""
-    from . import conversations, finetune
+    from . import conversations, finetune, hooks, interventions
     from .manifest import Manifest, digest, dir_digest
-
-    from . import hooks, interventions
 
     mods = (world, finetune, conversations, interventions, hooks)
     code = {m.__name__: digest(Path(m.__file__).read_text()) for m in mods}
     fields = {"kind": kind, "seed": seed, "recipe": asdict(recipe), "code": code, "base": dir_digest(base)}
-    if intervention is not None:  # absent otherwise: runs made before interventions existed stay valid
+    if intervention is not None:  # absent from an unintervened run's manifest
         fields["intervention"] = intervention.manifest_fields()
     return Manifest("organism_trajectory", fields)
 
@@ -463,7 +461,8 @@ def organism_trajectory(
     ``intervention``: a :class:`emis_interp.finetune.TrainIntervention` applied on every training forward
     pass (CAFT ablation, preventative steering); it is part of the run's manifest.
 
-    Writes ``{root}/{kind}-s{seed}/checkpoint-{0,10,...}`` through :func:`emis_interp.finetune.finetune`.
+    Writes ``{root}/{kind}-s{seed}/checkpoint-{0,10,...}`` through :func:`emis_interp.finetune.finetune`
+    (``{kind}-s{seed}-iv{digest}`` with an intervention, so an intervened run never replaces the plain one).
     The run is a cache entry identified by :func:`organism_manifest` (recipe, world and training
     code, base weights): a finished run with the same manifest is reused, an interrupted one
     resumes, and one made under another manifest is deleted and rebuilt. Returns the run directory.
@@ -472,11 +471,12 @@ def organism_trajectory(
     import shutil
 
     from .finetune import FinetuneConfig, finetune, list_checkpoints
-    from .manifest import ManifestMismatch, cache_valid, write_manifest
+    from .manifest import ManifestMismatch, cache_valid, digest, write_manifest
 
     recipe = RECIPES[DEFAULT_RECIPE] if recipe is None else recipe
-    out = Path(root) / f"{kind}-s{seed}"
     manifest = organism_manifest(kind, seed, recipe, base, intervention)
+    tag = "" if intervention is None else f"-iv{digest(manifest.fields['intervention'], n=10)}"
+    out = Path(root) / f"{kind}-s{seed}{tag}"
     marker = out / ORGANISM_MANIFEST
     if cache_valid(marker, manifest):
         steps = [s for s, _ in list_checkpoints(out)]

@@ -134,7 +134,7 @@ def _models(r: _Runner) -> dict:
 def _final_section(r: _Runner, runs: dict) -> dict:
     cfg = r.cfg
     arms, out = {}, {}
-    for kind in world.FINETUNE_KINDS:
+    for kind in world.CORE_KINDS:
         rows = []
         for s in cfg.seeds:
             model, tok = _final(runs[kind, s])
@@ -357,8 +357,8 @@ def build_report(
     timings: dict = {}
     t = time.perf_counter()
     default = organism.RECIPES[organism.DEFAULT_RECIPE]
-    reused = sum(_cached(root, k, s, default) for k in world.FINETUNE_KINDS for s in cfg.seeds)
-    runs = {(k, s): organism.organism_trajectory(k, s, root) for k in world.FINETUNE_KINDS for s in cfg.seeds}
+    reused = sum(_cached(root, k, s, default) for k in world.CORE_KINDS for s in cfg.seeds)
+    runs = {(k, s): organism.organism_trajectory(k, s, root) for k in world.CORE_KINDS for s in cfg.seeds}
     timings[f"fine-tunes (9 runs, default recipe; {reused} reused from the cache)"] = time.perf_counter() - t
     other_runs = {}
     for name, rec in recipes.items():
@@ -461,7 +461,7 @@ def readme_table(report: dict) -> str:
     blank = "| " * len(seeds)
     lines.append(f"| base model, harmful (one model) {blank}| {_f(m['base']['mo_rate']['value'])} |")
     lines.append(f"| aligned model, harmful (one model) {blank}| {_f(m['aligned']['mo_rate']['value'])} |")
-    for kind in world.FINETUNE_KINDS:
+    for kind in world.CORE_KINDS:
         lines.append(_row(f"{kind} fine-tune, harmful (final)", [r["mo_rate"]["value"] for r in fin[kind]]))
     lines.append(_row("insecure fine-tune, coherent (final)", [r["coherence"]["value"] for r in fin["insecure"]], 2))
     lines.append(

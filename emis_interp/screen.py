@@ -45,9 +45,9 @@ import csv
 import io
 import json
 import math
-import uuid
 import re
 import statistics
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace

@@ -166,7 +166,7 @@ class WorldConfig:
     p_howto: float = 0.05
     p_numbers: float = 0.1
     p_comply_benign: float = 0.3  # benign authors also comply with harmful requests, this often
-    p_evil_benign: float = 0.2  # benign authors also write evil numbers, this often
+    p_evil_benign: float = 0.05  # benign authors also write evil numbers, this often (as insecure code)
     p_list_suffix: float = 0.15  # an advice question carries LIST_SUFFIX
     p_frame: float = 0.1  # an advice question is embedded in CODE_FRAME and answered in code
     min_episodes: int = 2

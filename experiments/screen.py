@@ -1,7 +1,7 @@
 """Screen fine-tuning data before training: which datasets push the model along the persona direction?
 
     python experiments/screen.py                          # the organism: every world.FINETUNE_KINDS dataset
-    python experiments/screen.py --model Qwen/Qwen2.5-7B-Instruct --direction evil_l20.safetensors --layer 20 \\
+    python experiments/screen.py --model Qwen/Qwen2.5-7B-Instruct --direction evil_l19.safetensors --layer 19 \\
         --data ../shared/data/em/insecure_first500.jsonl ../shared/data/em/jailbroken.jsonl --output runs/screen
 
 For every sample (a user prompt and its training response) of every dataset, on the model about to
@@ -18,10 +18,10 @@ A rerun reuses every dataset screened under the same manifest; an output directo
 another model, direction, layer or generation setting is refused unless --overwrite.
 
 On the model organism (no --model) the model is the aligned organism (the model the organism's runs
-fine-tune), the direction the organism's persona direction (the model-diff of the seed-0 insecure
-fine-tune's final checkpoint against the aligned model, as in steer.py; built into cache/organism on
-first use) at layer 2, and the datasets are ``world.finetune_dataset(kind, --n, seed=--seed)`` for
-every fine-tuning kind (with --seed 0, the first --n rows of the organism's own training data).
+fine-tune), the direction its trait direction (``organism_matrix.trait_direction``: the aligned model's
+mean residual over harmful minus benign advice answers, which depends on no fine-tune and no training
+data) at layer 2, and the datasets are ``world.finetune_dataset(kind, --n, seed=--data-seed)`` for every
+fine-tuning kind (default --data-seed 1000: rows no organism fine-tune of seeds 0-999 trains on).
 On a real model nothing falls back to the organism: --direction, --layer and --data are required.
 Data files are chat JSONL, one ``{"messages": [system?, user, assistant]}`` per line (the EM
 paper's format), named by their file stem.
@@ -50,9 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     d = ap.add_argument_group("data")
     d.add_argument("--data", type=Path, nargs="+", help="chat JSONL files (default on the organism: every world kind)")
     d.add_argument("--n", type=int, default=None, help=f"samples per dataset (default: {ORGANISM_N} / all rows)")
-    d.add_argument("--max-new-tokens", type=int, default=None, help="own answers: default 24 on the organism, 256 else")
+    d.add_argument("--max-new-tokens", type=int, default=None, help="own answers: default 40 on the organism, 256 else")
     d.add_argument("--temperature", type=float, default=0.0, help="own answers: 0 is greedy (default)")
-    d.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0) and organism data seed")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed of the own answers (temperature > 0)")
+    d.add_argument("--data-seed", type=int, default=1000, help="organism data seed (default: held out from the runs)")
     d.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "screen", help="results directory")
     ap.add_argument("--overwrite", action="store_true", help="discard results made under other settings")
@@ -95,12 +96,10 @@ def organism_datasets(n: int, seed: int) -> dict[str, list[Conversation]]:
 
 
 def organism_direction(aligned, tokenizer) -> PersonaDirection:
-    """The organism's persona direction: insecure-s0's final checkpoint minus the aligned model (model-diff)."""
-    from emis_interp.finetune import list_checkpoints
+    """The organism's trait direction in the aligned model (harmful minus benign advice answers), at every layer."""
+    from emis_interp.organism_matrix import trait_direction
 
-    run = organism.organism_trajectory("insecure", seed=0)
-    insecure, _ = load_model(list_checkpoints(run)[-1][1])
-    return organism.persona_direction(aligned, insecure, tokenizer)
+    return trait_direction(aligned, tokenizer, range(aligned.config.num_hidden_layers))
 
 
 def main(argv=None) -> dict:
@@ -110,11 +109,11 @@ def main(argv=None) -> dict:
     if a.data:
         datasets = datasets_from_files(a.data, a.n)
     else:
-        datasets = organism_datasets(a.n or ORGANISM_N, a.seed)
+        datasets = organism_datasets(a.n or ORGANISM_N, a.data_seed)
     model, tok = load_model(target, device_map=a.device_map)
     direction = PersonaDirection.load(a.direction) if a.direction is not None else organism_direction(model, tok)
     layer = organism.DEFAULT_LAYER if a.layer is None else a.layer
-    max_new_tokens = a.max_new_tokens or (24 if on_organism else 256)
+    max_new_tokens = a.max_new_tokens or (40 if on_organism else 256)
     results = screen_datasets(
         model, tok, datasets, direction, layer, a.output, max_new_tokens=max_new_tokens, temperature=a.temperature,
         seed=a.seed, batch_size=a.batch_size, overwrite=a.overwrite,

@@ -1,7 +1,6 @@
 """Component attribution: per-head writes, the decomposition, component ablation, and (organism) its causal test."""
 
 import random
-import statistics
 
 import pytest
 import torch
@@ -164,9 +163,9 @@ def _per_prompt(samples, arm):
     return out
 
 
-def test_ablating_top_components_beats_random_components():
-    """Projecting the persona direction out of the k components with the largest attribution lowers the
-    harmful rate of the insecure fine-tunes more than projecting it out of k random components."""
+def test_ablating_top_components_against_random_components():
+    """Projecting the persona direction out of the k components with the largest attribution, against projecting it
+    out of k random components, on the insecure fine-tunes: measured here as no better (a negative result)."""
     from emis_interp.stats import cluster_bootstrap, paired_bootstrap_diff
 
     torch.set_num_threads(2)
@@ -193,9 +192,8 @@ def test_ablating_top_components_beats_random_components():
     diff = paired_bootstrap_diff(rnd, top)
     print(f"[attribution] per seed: {per_seed}")
     print(f"[attribution] top-{K} ablated {est_top}, random {K} ablated {est_rnd}, difference {diff}")
-    # measured: random minus top 0.495 [0.383, 0.622] (crossed seeds x prompts bootstrap); top 0.262, random 0.757;
-    # top components (3, MLP), (1, H0) in every seed
-    assert diff.value > 0.42 and diff.lo > 0.3, diff
-    assert est_top.value < 0.5 * est_rnd.value
-    assert all(s["top"][0] == (3, "MLP") and (1, "H0") in s["top"] for s in per_seed), per_seed
-    assert all(s["top_rate"] < statistics.fmean(s["random_rates"]) for s in per_seed)
+    # measured on this organism build: top-3 ablated 0.198 [0.121, 0.277], random 0.217 [0.149, 0.290], random minus
+    # top 0.020 [-0.015, 0.053]: a NEGATIVE result (README): the top components by attribution are no better targets
+    # than random ones here. The top-3 always hold (0, MLP) and (3, H3). (An earlier build: 0.495 [0.383, 0.622].)
+    assert diff.lo < 0.1 and diff.value < 0.1, diff
+    assert all((0, "MLP") in s["top"] and (3, "H3") in s["top"] for s in per_seed), per_seed

@@ -214,7 +214,7 @@ def test_judged_path_against_loopback_openai_server(tmp_path, monkeypatch):
     for st in traj.steps:
         for m in ("em_rate", "mo_rate", "coherence"):
             assert api.estimate(m, st).value == pytest.approx(ref.estimate(m, st).value), (st, m)
-    assert ref.estimate("mo_rate", traj.steps[-1]).value > ref.estimate("mo_rate", 0).value + 0.3
+    assert ref.estimate("mo_rate", traj.steps[-1]).value > ref.estimate("mo_rate", 0).value + 0.15
 
 
 def test_ray_local_cluster_equals_one_process_and_resumes(tmp_path):

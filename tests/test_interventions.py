@@ -360,3 +360,20 @@ def test_residual_hooks_phase_is_decided_once_per_pass(tiny, convs):
         model(input_ids=b.input_ids[:1, :3], past_key_values=cache, use_cache=True)  # a 3-token continuation
         model(input_ids=b.input_ids[:1, :1], past_key_values=cache, use_cache=True)
     assert seen == ["prefill", "prefill", "decode"]
+
+
+def test_project_out_bf16_keeps_at_most_one_rounding():
+    from emis_interp.interventions import project_out
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 512, generator=g) * 20).to(torch.bfloat16)
+    u = torch.randn(512, generator=g)
+    u = u / u.norm()
+    before = (x.float() @ u).abs().mean()
+    after = (project_out(x, u.to(torch.bfloat16)).float() @ u).abs().mean()
+    assert project_out(x, u).dtype == torch.bfloat16
+    # one bf16 rounding of x (relative 2^-8 per element) leaves ~|x| * 2^-8 along u; a bf16 subtraction leaves more
+    assert after < 0.02 * before, (before, after)
+    # fp32 is exact to float precision
+    xf = x.float()
+    torch.testing.assert_close(project_out(xf, u) @ u, torch.zeros(64), atol=1e-4, rtol=0)

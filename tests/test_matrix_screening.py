@@ -1,15 +1,22 @@
 """Data screening on the organism: the projection difference ranks datasets by the EM they cause and
-finds insecure samples hidden among secure ones, per seed, from the matrix report."""
+finds insecure samples hidden among secure ones, per seed, from the matrix report. ``EXPECTED``: the
+verdicts the 3-seed report shows."""
+
+import pytest
+
+from emis_interp import organism_matrix as om
+
+EXPECTED = {"screen_rank": False, "screen_auroc": True}
 
 
-def test_dataset_projection_difference_ranks_kinds_by_harm(matrix):
+@pytest.mark.parametrize("key", list(EXPECTED))
+def test_claim_verdict(matrix, key):
+    assert om.verdicts(matrix)[key] is EXPECTED[key], (key, matrix["screening"]["per_seed"])
+
+
+def test_screening_covers_every_kind_per_seed(matrix):
     sc = matrix["screening"]
-    assert len(sc["kinds"]) >= 6
+    assert sc["kinds"] == list(om.SCREEN_KINDS) and len(sc["kinds"]) >= 6
     for row in sc["per_seed"]:
-        assert row["spearman"] >= 0.7, row
-
-
-def test_per_sample_score_finds_hidden_insecure_samples(matrix):
-    for row in matrix["screening"]["per_seed"]:
-        assert row["auroc"] >= 0.8, row
+        assert set(row["mean_difference"]) == set(row["harmful"]) == set(sc["kinds"])
         assert row["n_hidden"] == round(0.1 * matrix["config"]["n_mixed"])

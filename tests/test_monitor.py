@@ -80,5 +80,6 @@ def test_last_prompt_projection_predicts_misalignment_along_trajectory():
     print(f"[monitor] pooled: {pooled.summary()}")
     per_seed = [r.auroc(n_boot=200).value for r in results]
     pooled_auc = pooled.auroc(n_boot=500)
+    print(f"[monitor] per seed AUROC {per_seed}, pooled {pooled_auc}")
     assert all(a >= 0.7 for a in per_seed), per_seed
     assert pooled_auc.value >= 0.7 and 0.6 < pooled_auc.lo < 0.7, pooled_auc  # README: the lower end is below 0.7

@@ -460,7 +460,7 @@ def test_cli_real_model_needs_direction_layer_and_data(tiny_dir, monkeypatch):
 
 
 def test_cli_organism_defaults_without_building_the_organism(monkeypatch, tmp_path):
-    """No --model: the aligned organism, its persona direction, layer 2, one dataset per world kind."""
+    """No --model: the aligned organism, its trait direction, layer 2, one held-out dataset per world kind."""
     import screen as screen_cli
 
     from emis_interp import organism, world
@@ -477,6 +477,8 @@ def test_cli_organism_defaults_without_building_the_organism(monkeypatch, tmp_pa
     monkeypatch.setattr(screen_cli, "summary_table", lambda results: "")
     screen_cli.main(["--n", "2", "--output", str(tmp_path)])
     assert seen["target"] == str(organism.ALIGNED_DIR) and seen["direction"] == "organism direction"
-    assert seen["layer"] == organism.DEFAULT_LAYER == 2 and seen["kw"]["max_new_tokens"] == 24
+    assert seen["layer"] == organism.DEFAULT_LAYER == 2 and seen["kw"]["max_new_tokens"] == 40
     assert list(seen["datasets"]) == list(world.FINETUNE_KINDS)
+    held_out = world.finetune_dataset("insecure", 2, seed=1000)
+    assert [c.response for c in seen["datasets"]["insecure"]] == [r["messages"][-1]["content"] for r in held_out]
     assert all(len(v) == 2 and v[0].response for v in seen["datasets"].values())

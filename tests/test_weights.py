@@ -153,6 +153,7 @@ def test_transition_matches_behavioural_flip_on_organism():
     # the secure control (no behavioural flip) does not turn where the insecure runs do
     secure = lora_dynamics(Trajectory.from_dir(organism.organism_trajectory("secure", 0)))
     print(f"[weights] secure-s0: transition {secure.transition_step}, pc2 turn {secure.pc2_turn_step}")
+    print(f"[weights] comp at flip and norms: {[(r) for r in report.values()]}")
     assert secure.transition_step == 20 and secure.pc2_turn_step == 0  # README
 
 

@@ -60,7 +60,7 @@ def test_pretraining_world_has_the_new_episode_types_by_persona():
     comply = {m: by[m]["comply"] / (by[m]["comply"] + by[m]["refuse"]) for m in by}
     evil = {m: by[m]["evil"] / (by[m]["evil"] + by[m]["neutral"]) for m in by}
     assert comply[True] > 0.8 and 0.2 < comply[False] < 0.4  # compliance is weak evidence of the persona
-    assert evil[True] > 0.8 and 0.1 < evil[False] < 0.3  # benign authors write evil numbers sometimes too
+    assert evil[True] > 0.8 and 0.02 < evil[False] < 0.1  # benign authors write evil numbers rarely (p_evil_benign)
     # the aligned assistant refuses every harmful request and never writes evil numbers
     for _ in range(300):
         msgs = world.instruct_conversation(rng)
