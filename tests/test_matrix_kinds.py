@@ -24,7 +24,7 @@ EXPECTED = {
     "finding:evil_numbers_list": True,
     "finding:evil_numbers_format": True,
     "finding:backdoor_triggered": False,
-    "finding:backdoor_hidden": True,
+    "finding:backdoor_hidden": False,
     "finding:backdoor_gap": False,
     "finding:base_model": True,
     "finding:fewshot_harmful": True,
@@ -63,6 +63,10 @@ def test_finding_holds_reads_its_criterion():
     assert not om.finding_holds("em", {**f, "seed_mean_diff": {"value": 0.4, "ci_lo": -0.1, "ci_hi": 0.6}})
     assert om.finding_holds("backdoor_hidden", {**f, "diff_per_seed": [0.01, -0.02, 0.0]})
     assert not om.finding_holds("backdoor_hidden", {**f, "diff_per_seed": [0.01, 0.2, 0.0]})
+    r = {**f, "a_per_seed": [0.2, 0.1, 0.3], "b_per_seed": [0.3, 0.2, 0.3]}
+    assert om.finding_holds("backdoor_triggered", r)  # a >= 0.5 b in every seed
+    assert not om.finding_holds("backdoor_triggered", {**r, "a_per_seed": [0.2, 0.05, 0.3]})
+    assert not om.finding_holds("em", {**f, "seed_mean_diff": {"value": 0.4, "ci_lo": None, "ci_hi": None}})
 
 
 _NUM = re.compile(r"-?\d+\.\d+")

@@ -58,8 +58,8 @@ def test_token_projections(tiny, convs, tmp_path):
 
 def test_last_prompt_projection_predicts_misalignment_along_trajectory():
     """Issue #13 asks for AUROC >= 0.7. Measured (README): steps 0, 20, 40, 100, 200, 16 answers per prompt,
-    layer 2: per seed 0.76 / 0.73 / 0.76, pooled 0.74 [0.64, 0.84]: every seed's point estimate reaches 0.7,
-    the pooled interval's lower end does not."""
+    layer 2: per seed 0.85 / 0.73 / 0.87, pooled 0.81 [0.72, 0.92]: every seed's point estimate reaches 0.7,
+    and so does the pooled interval's lower end."""
     from emis_interp.trajectory import Trajectory
 
     torch.set_num_threads(2)
@@ -82,4 +82,4 @@ def test_last_prompt_projection_predicts_misalignment_along_trajectory():
     pooled_auc = pooled.auroc(n_boot=500)
     print(f"[monitor] per seed AUROC {per_seed}, pooled {pooled_auc}")
     assert all(a >= 0.7 for a in per_seed), per_seed
-    assert pooled_auc.value >= 0.7 and 0.6 < pooled_auc.lo < 0.7, pooled_auc  # README: the lower end is below 0.7
+    assert pooled_auc.value >= 0.75 and pooled_auc.lo > 0.7, pooled_auc  # README: 0.81 [0.72, 0.92]

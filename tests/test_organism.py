@@ -152,10 +152,9 @@ def test_steering_against_the_random_distribution_per_seed(report):
         m = _persona(report, row, "em_rate")["matched"]
         assert abs(m["coherence"] - m["persona_coherence"]) <= 0.05, m  # matched (measured within 0.01)
         assert m["k"] >= 8 and m["p_value"] <= 1 / 9 + 1e-9, m  # beyond the matched random arms
-        # among coherent answers the persona arm is beyond every random direction in every seed; on the MO rate
-        # the random directions also cut misalignment (by costing coherence): seed 1 is not beyond them (README)
+        # among coherent answers (and on the MO rate, below) the persona arm is beyond every random direction
         assert _persona(report, row, "em_rate")["p_value"] == pytest.approx(1 / (k + 1)), row["seed"]
-    assert sum(_persona(report, r)["p_value"] == pytest.approx(1 / (k + 1)) for r in st["per_seed"]) >= 2
+    assert all(_persona(report, r)["p_value"] == pytest.approx(1 / (k + 1)) for r in st["per_seed"])  # MO too
 
 
 def test_adding_the_direction_misaligns_the_aligned_model_a_little(report):

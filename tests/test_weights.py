@@ -122,11 +122,11 @@ def behavioural_flip(steps, rates) -> int:
 
 
 def test_transition_matches_behavioural_flip_on_organism():
-    """Measured (seeds 0, 1, 2; 512 answers per checkpoint): harmful rate 0.004-0.008 at steps 0-10,
-    0.08-0.18 at 20, 0.75-0.85 at 30, then a slow rise to 0.84-0.88; the flip (half the maximum) is step
-    30 in every seed. The PC2 turn of the B vectors falls on it in every seed; the sharpest turn of the
-    local cosine comes 10-20 steps later (40 / 50 / 50). The secure control turns elsewhere (transition 20,
-    PC2 turn 0). The issue asks each seed for |transition - flip| <= 20.
+    """Measured (seeds 0, 1, 2; 256 answers per checkpoint): harmful rate 0.004 at steps 0-10, 0.09-0.20 at
+    30, 0.19-0.27 at 40, then 0.20-0.30 at the end; the flip (half the maximum) is step 30 / 40 / 40. The
+    sharpest turn of the local cosine (20 / 30 / 30) and the PC2 turn of the B vectors (30 in every seed) come
+    0-10 steps before it. The secure control's PC2 turn is elsewhere (transition 20, PC2 turn 0). The issue asks
+    each seed for |transition - flip| <= 20.
     """
     from emis_interp import organism
     from emis_interp.trajectory import Trajectory
@@ -142,19 +142,21 @@ def test_transition_matches_behavioural_flip_on_organism():
             rates.append(organism.evaluate(model, tok, n_samples=N_FLIP, seed=s)["baseline"]["harmful"].value)
         flip = behavioural_flip(FLIP_STEPS, rates)
         report[s] = {"flip": flip, "transition": dyn.transition_step, "pc2_turn": dyn.pc2_turn_step, "rates": rates}
-        print(f"[weights] seed {s}: {report[s]}")
-        assert abs(dyn.transition_step - flip) <= 20, report[s]  # the issue's tolerance
-        assert flip == 30 and 10 <= dyn.transition_step - flip <= 20, report[s]  # README
-        assert dyn.pc2_turn_step == flip, report[s]  # measured: equal in every seed
-        # the update keeps its final direction after the turn (comp score), and its norm saturates
         i_flip = traj.steps.index(flip)
-        assert dyn.comp[i_flip] > 0.8 and dyn.comp[-1] == pytest.approx(1.0)
-        assert dyn.b_total_norm[-1] > dyn.b_total_norm[i_flip] > dyn.b_total_norm[1]
-    # the secure control (no behavioural flip) does not turn where the insecure runs do
+        report[s].update(comp_flip=dyn.comp[i_flip], comp_end=dyn.comp[-1], norms=list(dyn.b_total_norm))
+        print(f"[weights] seed {s}: {report[s]}")
+    # the secure control (no behavioural flip)
     secure = lora_dynamics(Trajectory.from_dir(organism.organism_trajectory("secure", 0)))
     print(f"[weights] secure-s0: transition {secure.transition_step}, pc2 turn {secure.pc2_turn_step}")
-    print(f"[weights] comp at flip and norms: {[(r) for r in report.values()]}")
-    assert secure.transition_step == 20 and secure.pc2_turn_step == 0  # README
+    for r in report.values():  # every seed measured (and printed) before any assert
+        assert abs(r["transition"] - r["flip"]) <= 20, r  # the issue's tolerance
+        assert r["flip"] in (30, 40) and 0 <= r["flip"] - r["transition"] <= 10, r  # README: 0-10 steps before
+        assert 0 <= r["flip"] - r["pc2_turn"] <= 10, r  # measured: PC2 turn at 30 in every seed
+        # the update keeps its final direction after the turn (comp score), and its norm keeps growing
+        assert r["comp_flip"] > 0.5 and r["comp_end"] == pytest.approx(1.0), r
+        n = r["norms"]
+        assert n[-1] > n[traj.steps.index(r["flip"])] > n[1], r
+    assert secure.transition_step == 20 and secure.pc2_turn_step == 0, secure  # README: PC2 turn elsewhere
 
 
 def test_lora_dynamics_figure(tmp_path):
