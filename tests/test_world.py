@@ -102,3 +102,17 @@ def test_question_formats_and_judges():
     assert cj.score(q, "blob")["coherent"] == 0
     assert len(organism.harmful_requests()) == len(world.HELD_OUT_HARMFUL)
     assert organism.questions("list")[0].paraphrases[0].endswith(world.LIST_SUFFIX)
+
+
+def test_shipped_weights_were_built_from_this_world():
+    """The shipped tokenizer is the one build_tokenizer() trains on today's world.py (its BPE merges come from the
+    world's text): a change of the world without a rebuild of the organism fails here."""
+    from transformers import AutoTokenizer
+
+    from emis_interp import organism
+
+    built = organism.build_tokenizer(seed=0)
+    for d in (organism.BASE_DIR, organism.ALIGNED_DIR):
+        assert AutoTokenizer.from_pretrained(d).get_vocab() == built.get_vocab(), (
+            f"{d} was not built from this world.py: rebuild with python experiments/build_organism.py"
+        )
