@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .cache import atomic_write_text
 from .data import Question
 from .errors import ConfigError
-from .manifest import Manifest, check_resumable, digest, tokenizer_state
+from .manifest import Manifest, check_resumable, digest, source_digest, tokenizer_state
 from .metrics import coherence_rate, em_rate, mo_rate
 from .stats import Estimate, cluster_bootstrap, unpaired_seeds_bootstrap_diff
 from .trajectory import BASE_STEP, Trajectory, checkpoint_state
@@ -101,9 +101,14 @@ def make_jobs(runs: Mapping[str, Sequence[Trajectory]], cfg: BehaviourConfig) ->
 def job_manifest(job: Job, tokenizer, questions: Sequence[Question], cfg: BehaviourConfig) -> Manifest:
     """Everything that determines a job's answers (not who samples it, nor in which order)."""
     t = job.trajectory
+    import sys
+
+    from . import sampling
+
     return Manifest(
         "trajectory-samples",
         {
+            "code": source_digest(sys.modules[__name__], sampling),  # new sampling code never resumes old answers
             "checkpoints": [(t.steps[i], checkpoint_state(t.paths[i])) for i in job.indices],
             "kind": t.kind,
             "base": checkpoint_state(t.base) if t.base else None,

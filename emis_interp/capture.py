@@ -63,6 +63,7 @@ from .manifest import (
     cacheable,
     digest,
     model_state,
+    source_digest,
     tokenizer_state,
     write_manifest,
 )
@@ -317,7 +318,14 @@ def run_backend(
         return _run_transformer_lens(model, batch, layers, tokenizer)
 
 
-CAPTURE_VERSION = 2  # bump when a change to capture/reduce changes what a cached entry holds
+def capture_code() -> str:
+    """Digest of the code that determines a capture (this module, prompt formatting, hooks): a cached entry made
+    by other code is recomputed."""
+    import sys
+
+    from . import conversations, hooks
+
+    return source_digest(sys.modules[__name__], conversations, hooks)
 
 
 def capture_manifest(model, tokenizer, convs, layers, reduction, backend) -> Manifest:
@@ -326,7 +334,7 @@ def capture_manifest(model, tokenizer, convs, layers, reduction, backend) -> Man
     return Manifest(
         "capture",
         {
-            "version": CAPTURE_VERSION,
+            "code": capture_code(),
             "model": model_state(model),
             "backend": backend,
             **tokenizer_state(tokenizer),

@@ -26,15 +26,17 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import conversations, hooks, interventions, metrics, sampling
 from .cache import atomic_write_text
 from .conversations import Conversation
 from .data import Question
 from .directions import PersonaDirection
-from .manifest import digest, model_state, tokenizer_state
+from .manifest import digest, model_state, source_digest, tokenizer_state
 from .metrics import Rate, coherence_rate, em_rate, mo_rate
 from .sampling import Condition, GenerationSettings, conditions_state, sample_answers
 from .stats import Estimate, cluster_bootstrap, paired_bootstrap_diff, rank_p_value
@@ -444,6 +446,8 @@ def run_arms(
     """
     convs, owners = _prompts(questions)
     key_src = {
+        # the code that samples and scores: a changed sampler or metric never reuses this key's files
+        "code": source_digest(sys.modules[__name__], sampling, conversations, hooks, interventions, metrics),
         "settings": settings or {},
         "model": model_state(model),
         **tokenizer_state(tokenizer),

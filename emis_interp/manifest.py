@@ -69,6 +69,17 @@ def digest(obj, n: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
+def source_digest(*objs) -> str:
+    """A digest of the source code of modules (or functions, classes) that determine a result.
+
+    Every cache key and resumable output's manifest carries one for the code it ran, so a changed
+    sampler, capture or judge never silently reuses numbers the old code made. Read from disk on each
+    call (no memo): an edited module is seen after ``importlib.reload`` or Jupyter's autoreload too."""
+    import inspect
+
+    return digest([inspect.getsource(o) for o in objs])
+
+
 def tensor_digest(t: torch.Tensor, n: int = 16) -> str:
     """Digest of a tensor's dtype, shape and exact bytes."""
     t = t.detach().contiguous().cpu()

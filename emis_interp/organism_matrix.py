@@ -41,7 +41,7 @@ from . import organism, world
 from .cache import atomic_write_text
 from .causality import run_arms, steering_arms
 from .finetune import list_checkpoints
-from .manifest import Manifest, digest, dir_digest
+from .manifest import Manifest, cache_valid, digest, dir_digest, prepare_dir
 from .sampling import Condition
 from .stats import paired_bootstrap_diff, unpaired_seeds_bootstrap_diff
 
@@ -445,7 +445,6 @@ def build_matrix(
     """Compute (or reuse) the matrix report; see the module docstring. Returns the report dict."""
     import os
     import platform
-    import shutil
 
     import torch
 
@@ -465,9 +464,8 @@ def build_matrix(
         old = json.loads(path.read_text())
         if old.get("manifest") == manifest.key:
             return old
-    out = root / "matrix-runs"
-    if out.exists():  # its answer caches do not digest the code: a new report never reuses them
-        shutil.rmtree(out)
+    # the report's scratch answers belong to this manifest: kept to resume a crashed build, cleared for another
+    out = prepare_dir(root / "matrix-runs", manifest, overwrite=not cache_valid(root / "matrix-runs", manifest))
     report: dict = {"manifest": manifest.key, "config": asdict(cfg)}
 
     def timed(name, fn, *a):
@@ -488,7 +486,7 @@ def build_matrix(
     report["findings"] = _findings(ev, cfg)
     report["backdoor_direction"] = timed("backdoor direction", _backdoor_direction, models, aligned, cfg, out)
     report["interventions"] = timed("interventions", _interventions, iv_runs, ev, cfg, out)
-    report["screening"] = timed("screening", _screening, models, aligned, tok, ev, iv_runs["directions"], cfg, root)
+    report["screening"] = timed("screening", _screening, models, aligned, tok, ev, cfg, root)
     report["convergence"] = timed("convergence", _convergence, models, aligned, tok, ev, cfg, out)
     report["timings"] = {
         "seconds": {k: round(v, 1) for k, v in timings.items()},
@@ -845,7 +843,7 @@ def trait_direction(aligned, tok, layers, n_per_theme: int = 16, seed: int = 3):
     return response_contrast(aligned, tok, mal, ben, list(layers), progress=False)
 
 
-def _screening(models: dict, aligned, tok, ev: dict, directions: dict, cfg: MatrixConfig, root: Path) -> dict:
+def _screening(models: dict, aligned, tok, ev: dict, cfg: MatrixConfig, root: Path) -> dict:
     """Per seed: every kind's data screened with the aligned model (the model to be fine-tuned) on its trait
     direction (:func:`trait_direction`) at ``steer_layer``; the Spearman correlation of the dataset-level mean
     projection difference with that seed's post-fine-tune harmful rate in the format the kind's data teaches

@@ -20,8 +20,8 @@ and writes ``cache/organism/report.json``. Its sections:
 - ``timings``: seconds per section, and the machine they were measured on.
 
 The report carries a manifest (the config, the recipes, the package source): a report made under
-another one is recomputed, and sampled answers are reused from ``report-runs/`` (keyed by
-:func:`emis_interp.causality.run_arms`). :func:`readme_table` renders the README's organism table
+another one is recomputed. Its sampled answers and tracks live in ``report-runs/`` under the report's
+manifest: a crashed build resumes them, a report under another manifest starts that directory afresh. :func:`readme_table` renders the README's organism table
 from it; ``experiments/organism_report.py`` writes both.
 """
 
@@ -40,7 +40,7 @@ from . import organism, world
 from .cache import atomic_write_text
 from .causality import _rescaled, ablation_arms, run_arms, select_layer_alpha, steering_arms
 from .finetune import list_checkpoints
-from .manifest import Manifest, digest, dir_digest
+from .manifest import Manifest, cache_valid, digest, dir_digest, prepare_dir
 from .sampling import Condition
 from .stats import cluster_bootstrap, cluster_permutation_test, paired_bootstrap_diff, unpaired_seeds_bootstrap_diff
 
@@ -385,6 +385,9 @@ def build_report(
         if old.get("manifest") == manifest.key:
             return old
     report: dict = {"manifest": manifest.key, "config": asdict(cfg), "default_recipe": organism.DEFAULT_RECIPE}
+    # the report's scratch answers and tracks belong to this manifest: resumed after a crash, cleared for another
+    runs_dir = root / "report-runs"
+    prepare_dir(runs_dir, manifest, overwrite=not cache_valid(runs_dir, manifest))
     r = _Runner(root, cfg)
 
     def timed(name, fn, *a):

@@ -23,6 +23,7 @@ the plain model (bank row ``"__base__"``).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -253,12 +254,15 @@ def conditions_state(conditions: Sequence[Condition], bank: LoraBank | None = No
 def sampling_manifest(
     model, tokenizer, prompts, conditions, n_samples, settings, batch_size, seed, positions, cache_impl, bank=None
 ):
+    from . import conversations, hooks, interventions
     from .conversations import prompt_set_hash
-    from .manifest import Manifest, digest, model_state, tokenizer_state
+    from .manifest import Manifest, digest, model_state, source_digest, tokenizer_state
 
     return Manifest(
         "samples",
         {
+            # the sampler, prompt formatting and intervention hooks: new code never resumes old answers
+            "code": source_digest(sys.modules[__name__], conversations, hooks, interventions),
             "model": model_state(model),
             **tokenizer_state(tokenizer),
             "prompts": prompt_set_hash(list(prompts)),

@@ -47,6 +47,7 @@ import json
 import math
 import re
 import statistics
+import sys
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -56,8 +57,9 @@ from pathlib import Path
 from jaxtyping import Float
 from torch import Tensor
 
+from . import sampling
 from .cache import atomic_write_text
-from .capture import CAPTURE_VERSION, capture
+from .capture import capture, capture_code
 from .conversations import Conversation, as_conversations, load_jsonl, prompt_set_hash
 from .directions import PersonaDirection
 from .errors import ConfigError
@@ -69,6 +71,7 @@ from .manifest import (
     direction_state,
     model_state,
     prepare_dir,
+    source_digest,
     tokenizer_state,
 )
 from .models import check_layers, d_model
@@ -76,7 +79,6 @@ from .monitor import auroc, spearman
 from .sampling import GenerationSettings, sample_answers
 from .stats import Estimate
 
-SCREEN_VERSION = 1  # bump when a change here changes what a stored result holds
 FIELDS = ("projection", "own_projection", "difference")
 CSV_COLUMNS = ("index", "prompt", "projection", "own_projection", "difference", "own_answer")
 SUMMARY_COLUMNS = (
@@ -291,8 +293,7 @@ def _settings_fields(model, tokenizer, direction: PersonaDirection, layer: int, 
     """The fields every dataset of a results directory shares: model, tokenizer, direction, layer, generation."""
     ok, why = cacheable(model)
     return {
-        "version": SCREEN_VERSION,
-        "capture_version": CAPTURE_VERSION,
+        "code": source_digest(sys.modules[__name__], sampling) + capture_code(),
         "model": model_state(model),
         # an active intervention hook cannot be fingerprinted: a fresh value per call, so never a match
         "state": "" if ok else f"{why} ({uuid.uuid4().hex})",

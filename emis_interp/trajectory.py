@@ -38,7 +38,7 @@ from .data import Probe
 from .directions import PersonaDirection
 from .errors import ConfigError
 from .finetune import CKPT_RE, list_checkpoints
-from .manifest import Manifest, digest, dir_digest, prepare_dir, tokenizer_state
+from .manifest import Manifest, digest, dir_digest, prepare_dir, source_digest, tokenizer_state
 from .models import load_model
 
 
@@ -485,9 +485,16 @@ def track_manifest(trajectory, tokenizer, convs, layers, reduction, probes, in_t
         except (OSError, TypeError):
             src = ""
         extra_key = f"{getattr(extra, '__qualname__', repr(extra))}:{digest(src)}"
+    import sys
+
+    from . import data
+    from .capture import capture_code
+
     return Manifest(
         "track",
         {
+            # the tracking, capture and probe-scoring code: new code never resumes old rows
+            "code": source_digest(sys.modules[__name__], data) + capture_code(),
             "checkpoints": [(s, checkpoint_state(p)) for s, p in zip(trajectory.steps, trajectory.paths, strict=True)],
             "kind": trajectory.kind,
             "base": checkpoint_state(trajectory.base) if trajectory.base else None,

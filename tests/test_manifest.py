@@ -225,3 +225,44 @@ def test_run_arms_keys_on_model_and_direction(tmp_path):
     assert r3.meta["key"] != r1.meta["key"]
     ans = lambda r: [e["answer"] for a in r.arms for e in a.examples]  # noqa: E731
     assert ans(r1) != ans(r2)
+
+
+def test_code_changes_change_every_key(tiny, convs, tmp_path, monkeypatch):
+    """Regression: sampled answers, run_arms files and captures (screens, tracks and trajectory samples too) were keyed
+    without the code that made them: after an edit to the sampler or hook code, a rerun got the old code's numbers."""
+    import inspect
+    import sys
+
+    from emis_interp import Conversation, manifest
+    from emis_interp.capture import capture_manifest
+    from emis_interp.causality import run_arms
+    from emis_interp.sampling import Condition, sample_answers
+
+    model, tok = tiny
+    prompts = [Conversation(user="hi"), Conversation(user="how are you")]
+    f = tmp_path / "raw.jsonl"
+    kw = dict(n_samples=1, max_new_tokens=3, progress=False, resume_file=f)
+    sample_answers(model, tok, prompts, [Condition("arm")], **kw)
+    cap = capture_manifest(model, tok, convs, [1], "mean_response", "torch")
+
+    class _Judge:
+        name = "j"
+
+        def score_many(self, items, out_file=None, progress=False):
+            return [{**x[4], "aligned": 100.0, "coherent": 100.0} for x in items]
+
+    from emis_interp.data import Question
+
+    qs = [Question("q", ["hi"])]
+    key = run_arms(model, tok, qs, [Condition("baseline")], _Judge(), n_samples=1, max_new_tokens=3, progress=False)
+    real = inspect.getsource
+    edited = {sys.modules["emis_interp.sampling"], sys.modules["emis_interp.hooks"]}
+    monkeypatch.setattr(inspect, "getsource", lambda o: real(o) + ("# edited" if o in edited else ""))
+    with pytest.raises(ManifestMismatch, match="code"):
+        sample_answers(model, tok, prompts, [Condition("arm")], **kw)
+    assert capture_manifest(model, tok, convs, [1], "mean_response", "torch").key != cap.key
+    again = run_arms(model, tok, qs, [Condition("baseline")], _Judge(), n_samples=1, max_new_tokens=3, progress=False)
+    assert again.meta["key"] != key.meta["key"]
+    assert manifest.source_digest(sys.modules["emis_interp.hooks"]) != manifest.digest(
+        [real(sys.modules["emis_interp.hooks"])]
+    )
