@@ -9,6 +9,7 @@ from .conversations import Batch, Conversation, load_jsonl, make_batch
 from .directions import PersonaDirection, model_diff, rank_layers, response_contrast, system_prompt_contrast
 from .hooks import hook_name, residual_hooks
 from .interventions import ablate, add_vectors, steer
+from .manifest import snapshot_sources
 from .models import check_layers, decoder_layers, load_model, load_tokenizer, model_fingerprint
 
 __all__ = [
@@ -35,3 +36,5 @@ __all__ = [
     "steer",
     "system_prompt_contrast",
 ]
+
+snapshot_sources()  # the source of the code this process runs, read before anything can edit it

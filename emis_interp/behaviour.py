@@ -103,12 +103,15 @@ def job_manifest(job: Job, tokenizer, questions: Sequence[Question], cfg: Behavi
     t = job.trajectory
     import sys
 
-    from . import sampling
+    from . import causality, conversations, hooks, interventions, lora_bank, sampling, trajectory
 
     return Manifest(
         "trajectory-samples",
         {
-            "code": source_digest(sys.modules[__name__], sampling),  # new sampling code never resumes old answers
+            # the sampler and what it samples through (LoRA bank, checkpoint loading, hooks): new code never resumes
+            "code": source_digest(
+                sys.modules[__name__], sampling, causality, conversations, hooks, interventions, lora_bank, trajectory
+            ),
             "checkpoints": [(t.steps[i], checkpoint_state(t.paths[i])) for i in job.indices],
             "kind": t.kind,
             "base": checkpoint_state(t.base) if t.base else None,

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import conversations, hooks, interventions, metrics, sampling
+from . import conversations, hooks, interventions, lora_bank, metrics, sampling
 from .cache import atomic_write_text
 from .conversations import Conversation
 from .data import Question
@@ -447,7 +447,7 @@ def run_arms(
     convs, owners = _prompts(questions)
     key_src = {
         # the code that samples and scores: a changed sampler or metric never reuses this key's files
-        "code": source_digest(sys.modules[__name__], sampling, conversations, hooks, interventions, metrics),
+        "code": source_digest(sys.modules[__name__], sampling, conversations, hooks, interventions, lora_bank, metrics),
         "settings": settings or {},
         "model": model_state(model),
         **tokenizer_state(tokenizer),

@@ -73,11 +73,42 @@ def source_digest(*objs) -> str:
     """A digest of the source code of modules (or functions, classes) that determine a result.
 
     Every cache key and resumable output's manifest carries one for the code it ran, so a changed
-    sampler, capture or judge never silently reuses numbers the old code made. Read from disk on each
-    call (no memo): an edited module is seen after ``importlib.reload`` or Jupyter's autoreload too."""
+    sampler, capture or judge never silently reuses numbers the old code made. The source is read once
+    per loaded object and remembered: a file edited on disk while a process runs its old code does not
+    stamp the old code's results with the new digest; a reload (``importlib.reload``, Jupyter's autoreload)
+    makes new function objects, which are read afresh. Package modules are read when the package is
+    imported (:func:`snapshot_sources`)."""
+    return digest([_source(o) for o in objs])
+
+
+_SOURCES: dict = {}
+
+
+def _load_token(obj):
+    """Identifies one loaded version of ``obj``: a module by the identities of its functions (new on reload)."""
     import inspect
 
-    return digest([inspect.getsource(o) for o in objs])
+    if inspect.ismodule(obj):
+        return (obj.__name__, tuple(sorted(id(v) for v in vars(obj).values() if inspect.isfunction(v))))
+    return id(obj)
+
+
+def _source(obj) -> str:
+    import inspect
+
+    key = _load_token(obj)
+    if key not in _SOURCES:
+        _SOURCES[key] = (obj, inspect.getsource(obj))  # obj kept alive: its id is never reused for another
+    return _SOURCES[key][1]
+
+
+def snapshot_sources(prefix: str = "emis_interp.") -> None:
+    """Read the source of every loaded ``prefix*`` module now (called when the package is imported)."""
+    import sys
+
+    for name, mod in list(sys.modules.items()):
+        if name.startswith(prefix) and getattr(mod, "__file__", None):
+            _source(mod)
 
 
 def tensor_digest(t: torch.Tensor, n: int = 16) -> str:

@@ -132,16 +132,28 @@ class MatrixConfig:
     caft_layers: tuple[int, ...] = (0, 1, 2, 3)
     steer_layer: int = organism.DEFAULT_LAYER
     # preventative steering's coefficient is chosen on a pilot seed held out from ``seeds`` (:func:`pilot_sweep`):
-    # the largest fold reduction among ``steer_coefs`` that keeps the task (>= 0.8x); ``steer_coef`` if none does
+    # the (direction, C) with the largest fold reduction among ``steer_coefs`` x :data:`STEER_DIRECTIONS` that keeps
+    # the task (>= 0.8x); the persona direction at ``steer_coef_fallback`` if none does
     pilot_seed: int = 3
     steer_coefs: tuple[float, ...] = (0.5, 1.0, 2.0)
-    steer_coef: float = 2.0
+    steer_coef_fallback: float = 2.0
     n_random_train: int = 2  # random-direction fine-tunes per seed and intervention
     n_screen: int = 64  # samples per dataset screened
     n_mixed: int = 200  # the mixed dataset: secure samples with 10% insecure hidden among them
     n_cross: int = 8  # samples per paraphrase in the cross-ablation arms
     n_random_cross: int = 8
     n_boot: int = 2000
+
+    def __post_init__(self):
+        from .errors import ConfigError
+
+        if self.pilot_seed in self.seeds:
+            raise ConfigError(
+                f"pilot_seed {self.pilot_seed} is one of the reported seeds {self.seeds}: the steering setting would "
+                "be chosen on a reported run. Pass a held-out pilot_seed."
+            )
+        if len({float(c) for c in self.steer_coefs}) != len(self.steer_coefs) or not self.steer_coefs:
+            raise ConfigError(f"steer_coefs {self.steer_coefs} must be distinct and non-empty.")
 
 
 def _measure(model, tok, what: str, n: int, seed: int, out: Path):
@@ -423,24 +435,29 @@ def _backdoor_direction(models: dict, aligned, cfg: MatrixConfig, out: Path) -> 
     return {"layer": L, "alpha": cfg.backdoor_alpha, "k": cfg.n_random, "per_seed": rows}
 
 
-def report_manifest(cfg: MatrixConfig, runs: dict, pilot: dict | None = None) -> Manifest:
-    """Everything that determines the matrix: config, runs, package source, shipped weights, versions,
-    every run's final checkpoint and the pilot sweep's result (:func:`pilot_sweep`)."""
+def _package_state() -> dict:
+    """The package source (every module), the shipped weights and the library versions."""
     import peft
     import torch
     import transformers
 
-    src = {p.name: digest(p.read_text()) for p in sorted(Path(__file__).parent.glob("*.py"))}
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    return {
+        "code": {p.name: digest(p.read_text()) for p in sorted(Path(__file__).parent.glob("*.py"))},
+        "weights": {d.name: dir_digest(d) for d in (organism.BASE_DIR, organism.ALIGNED_DIR)},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+
+
+def report_manifest(cfg: MatrixConfig, runs: dict, pilot: dict | None = None) -> Manifest:
+    """Everything that determines the matrix: config, runs, package source, shipped weights, versions,
+    every run's final checkpoint and the pilot sweep's result (:func:`pilot_sweep`)."""
     finals = {f"{k}@{s}": dir_digest(list_checkpoints(d)[-1][1]) for (k, s), d in runs.items()}
     return Manifest(
         "organism_matrix",
         {
             "config": asdict(cfg),
             "runs": {k: asdict(r) for k, r in RUNS.items()},
-            "code": src,
-            "weights": {d.name: dir_digest(d) for d in (organism.BASE_DIR, organism.ALIGNED_DIR)},
-            "versions": versions,
+            **_package_state(),
             "finals": finals,
             "pilot": digest(pilot),
         },
@@ -464,7 +481,7 @@ def build_matrix(
     runs = {(name, s): matrix_run(name, s, root) for name in RUNS for s in cfg.seeds}
     timings["fine-tunes"] = time.perf_counter() - t
     t = time.perf_counter()
-    iv_runs = _intervention_runs(root, runs, cfg)
+    iv_runs = _intervention_runs(root, runs, cfg, overwrite)
     timings["intervention fine-tunes"] = time.perf_counter() - t
     manifest = report_manifest(cfg, {**runs, **{k: v for k, v in iv_runs["dirs"].items()}}, iv_runs["pilot"])
     path = root / MATRIX_FILE
@@ -473,7 +490,8 @@ def build_matrix(
         if old.get("manifest") == manifest.key:
             return old
     # the report's scratch answers belong to this manifest: kept to resume a crashed build, cleared for another
-    out = prepare_dir(root / "matrix-runs", manifest, overwrite=not cache_valid(root / "matrix-runs", manifest))
+    scratch = root / "matrix-runs"
+    out = prepare_dir(scratch, manifest, overwrite=overwrite or not cache_valid(scratch, manifest))
     report: dict = {"manifest": manifest.key, "config": asdict(cfg)}
 
     def timed(name, fn, *a):
@@ -533,7 +551,7 @@ STEER_DIRECTIONS = {
 }
 
 
-def pilot_sweep(root: Path, cfg: MatrixConfig) -> dict:
+def pilot_sweep(root: Path, cfg: MatrixConfig, overwrite: bool = False) -> dict:
     """Choose preventative steering's direction and coefficient on ``cfg.pilot_seed`` (never a reported seed).
 
     The insecure fine-tune of the pilot seed is rerun with ``+C x`` a direction at ``steer_layer``, for each
@@ -541,14 +559,12 @@ def pilot_sweep(root: Path, cfg: MatrixConfig) -> dict:
     model's :func:`trait_direction`) and every C in ``steer_coefs``; each final checkpoint's harmful rate (plain
     advice) and in-task rate are compared with the pilot's unintervened run. The rule, fixed before the sweep:
     the (direction, C) with the largest fold reduction among those whose in-task ratio is >= 0.8; the persona
-    direction at ``steer_coef`` when none keeps the task. Cached in ``root/matrix/interventions/pilot.json``
-    under a manifest of the runs' final checkpoints, the config and the code."""
-    from .manifest import cache_valid, source_digest, write_manifest
+    direction at ``steer_coef_fallback`` when none keeps the task. Cached in ``root/matrix/interventions/pilot.json``
+    under a manifest of the runs' final checkpoints, the config, the package source, weights and versions."""
+    from .manifest import direction_state
     from .models import load_model
     from .organism_report import in_task_rate
 
-    if cfg.pilot_seed in cfg.seeds:
-        raise ValueError(f"pilot_seed {cfg.pilot_seed} is a reported seed {cfg.seeds}: choose a held-out one.")
     aligned, tok = load_model(organism.ALIGNED_DIR)
     dirs = {
         "persona": _persona(aligned, _final(matrix_run("insecure", cfg.seeds[0], root))[0], tok),
@@ -561,13 +577,18 @@ def pilot_sweep(root: Path, cfg: MatrixConfig) -> dict:
             runs[f"{name}@{c:g}"] = matrix_run("insecure", cfg.pilot_seed, root, iv, tag="interventions/pilot")
     fields = {
         "finals": {k: dir_digest(list_checkpoints(r)[-1][1]) for k, r in runs.items()},
-        "config": {k: getattr(cfg, k) for k in ("pilot_seed", "steer_coefs", "steer_coef", "n_samples", "n_code")},
-        "code": source_digest(pilot_sweep, trait_direction, in_task_rate, _measure),
+        "config": {
+            k: getattr(cfg, k)
+            for k in ("seeds", "pilot_seed", "steer_layer", "steer_coefs", "steer_coef_fallback", "n_samples", "n_code")
+        },
+        **_package_state(),
     }
     manifest = Manifest("matrix-pilot", fields)
     path = Path(root) / "matrix" / "interventions" / "pilot.json"
-    if path.exists() and cache_valid(path.with_suffix(".manifest.json"), manifest):
-        return json.loads(path.read_text())
+    if not overwrite and path.exists():
+        old = json.loads(path.read_text())
+        if old.get("manifest") == manifest.key:
+            return old
     out = Path(root) / "matrix" / "interventions" / "pilot-runs"
     measured = {}
     for k, r in runs.items():
@@ -591,7 +612,11 @@ def pilot_sweep(root: Path, cfg: MatrixConfig) -> dict:
                 }
             )
     keeps = [r for r in sweep if (r["in_task_ratio"] or 0) >= 0.8]
-    best = max(keeps, key=lambda r: r["fold_reduction"]) if keeps else {"direction": "persona", "coef": cfg.steer_coef}
+    best = (
+        max(keeps, key=lambda r: r["fold_reduction"])
+        if keeps
+        else {"direction": "persona", "coef": cfg.steer_coef_fallback}
+    )
     res = {
         "seed": cfg.pilot_seed,
         "layer": cfg.steer_layer,
@@ -600,12 +625,13 @@ def pilot_sweep(root: Path, cfg: MatrixConfig) -> dict:
         "sweep": sweep,
         "selected_direction": best["direction"],
         "selected_coef": best["coef"],
-        "rule": "largest fold reduction with in-task ratio >= 0.8; the persona direction at steer_coef if none",
+        "rule": "largest fold reduction with in-task ratio >= 0.8; the persona direction at steer_coef_fallback if none",
         "any_passes": any(r["fold_reduction"] >= 3 for r in keeps),
+        "direction_digests": {k: direction_state(d.select([cfg.steer_layer])) for k, d in dirs.items()},
+        "manifest": manifest.key,
     }
     atomic_write_text(path, json.dumps(_finite(res), indent=1, allow_nan=False))
-    write_manifest(path.with_suffix(".manifest.json"), manifest)
-    return res
+    return json.loads(path.read_text())  # the cached form (NaN as None): one digest for the matrix manifest
 
 
 def _train_interventions(d_caft, d_steer, cfg: MatrixConfig, s: int, coef: float) -> dict:
@@ -624,14 +650,14 @@ def _train_interventions(d_caft, d_steer, cfg: MatrixConfig, s: int, coef: float
     return out
 
 
-def _intervention_runs(root: Path, runs: dict, cfg: MatrixConfig) -> dict:
+def _intervention_runs(root: Path, runs: dict, cfg: MatrixConfig, overwrite: bool = False) -> dict:
     """The insecure fine-tune under each train-time intervention, per seed. CAFT on seed ``s`` ablates the
     persona direction of the *next* seed's finished insecure run (a direction from a pilot run, never the run's
     own); preventative steering uses the direction and coefficient :func:`pilot_sweep` chose on the held-out
     pilot seed (the persona direction likewise from the next seed's run)."""
     from .models import load_model
 
-    pilot = pilot_sweep(root, cfg)
+    pilot = pilot_sweep(root, cfg, overwrite)
     aligned, tok = load_model(organism.ALIGNED_DIR)
     seeds = list(cfg.seeds)
     directions = {s: _persona(aligned, _final(runs["insecure", s])[0], tok) for s in seeds}
@@ -676,6 +702,13 @@ def _interventions(iv: dict, ev: dict, cfg: MatrixConfig, out: Path) -> dict:
                         str(r["layer"]): r["mean_projection"] for r in rec["base_projection"]["rows"]
                     }
                     entry["sign_warnings"] = rec["warnings"]
+                    # what the run itself recorded (intervention.json), not what the config says it should use
+                    entry["recorded"] = {
+                        "kind": rec["kind"],
+                        "layers": rec["layers"],
+                        "coef": rec["coef"],
+                        "direction_digest": rec["directions"][0]["digest"],
+                    }
                     row["persona"] = entry
                 else:
                     row.setdefault("random", []).append(entry)

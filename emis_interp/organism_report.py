@@ -387,7 +387,7 @@ def build_report(
     report: dict = {"manifest": manifest.key, "config": asdict(cfg), "default_recipe": organism.DEFAULT_RECIPE}
     # the report's scratch answers and tracks belong to this manifest: resumed after a crash, cleared for another
     runs_dir = root / "report-runs"
-    prepare_dir(runs_dir, manifest, overwrite=not cache_valid(runs_dir, manifest))
+    prepare_dir(runs_dir, manifest, overwrite=overwrite or not cache_valid(runs_dir, manifest))
     r = _Runner(root, cfg)
 
     def timed(name, fn, *a):

@@ -254,7 +254,7 @@ def conditions_state(conditions: Sequence[Condition], bank: LoraBank | None = No
 def sampling_manifest(
     model, tokenizer, prompts, conditions, n_samples, settings, batch_size, seed, positions, cache_impl, bank=None
 ):
-    from . import conversations, hooks, interventions
+    from . import conversations, hooks, interventions, lora_bank
     from .conversations import prompt_set_hash
     from .manifest import Manifest, digest, model_state, source_digest, tokenizer_state
 
@@ -262,7 +262,7 @@ def sampling_manifest(
         "samples",
         {
             # the sampler, prompt formatting and intervention hooks: new code never resumes old answers
-            "code": source_digest(sys.modules[__name__], conversations, hooks, interventions),
+            "code": source_digest(sys.modules[__name__], conversations, hooks, interventions, lora_bank),
             "model": model_state(model),
             **tokenizer_state(tokenizer),
             "prompts": prompt_set_hash(list(prompts)),

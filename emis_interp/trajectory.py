@@ -487,14 +487,14 @@ def track_manifest(trajectory, tokenizer, convs, layers, reduction, probes, in_t
         extra_key = f"{getattr(extra, '__qualname__', repr(extra))}:{digest(src)}"
     import sys
 
-    from . import data
+    from . import data, metrics
     from .capture import capture_code
 
     return Manifest(
         "track",
         {
             # the tracking, capture and probe-scoring code: new code never resumes old rows
-            "code": source_digest(sys.modules[__name__], data) + capture_code(),
+            "code": source_digest(sys.modules[__name__], data, metrics) + capture_code(),
             "checkpoints": [(s, checkpoint_state(p)) for s, p in zip(trajectory.steps, trajectory.paths, strict=True)],
             "kind": trajectory.kind,
             "base": checkpoint_state(trajectory.base) if trajectory.base else None,

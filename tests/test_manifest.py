@@ -228,8 +228,8 @@ def test_run_arms_keys_on_model_and_direction(tmp_path):
 
 
 def test_code_changes_change_every_key(tiny, convs, tmp_path, monkeypatch):
-    """Regression: sampled answers, run_arms files and captures (screens, tracks and trajectory samples too) were keyed
-    without the code that made them: after an edit to the sampler or hook code, a rerun got the old code's numbers."""
+    """Regression: sampled answers, run_arms files and captures were keyed without the code that made them: after an
+    edit to the sampler or hook code, a rerun got the old code's numbers."""
     import inspect
     import sys
 
@@ -255,14 +255,31 @@ def test_code_changes_change_every_key(tiny, convs, tmp_path, monkeypatch):
 
     qs = [Question("q", ["hi"])]
     key = run_arms(model, tok, qs, [Condition("baseline")], _Judge(), n_samples=1, max_new_tokens=3, progress=False)
-    real = inspect.getsource
-    edited = {sys.modules["emis_interp.sampling"], sys.modules["emis_interp.hooks"]}
-    monkeypatch.setattr(inspect, "getsource", lambda o: real(o) + ("# edited" if o in edited else ""))
+    for name in ("emis_interp.sampling", "emis_interp.hooks"):  # as if both were edited and reloaded
+        mod = sys.modules[name]
+        monkeypatch.setitem(manifest._SOURCES, manifest._load_token(mod), (mod, inspect.getsource(mod) + "# edited"))
     with pytest.raises(ManifestMismatch, match="code"):
         sample_answers(model, tok, prompts, [Condition("arm")], **kw)
     assert capture_manifest(model, tok, convs, [1], "mean_response", "torch").key != cap.key
     again = run_arms(model, tok, qs, [Condition("baseline")], _Judge(), n_samples=1, max_new_tokens=3, progress=False)
     assert again.meta["key"] != key.meta["key"]
-    assert manifest.source_digest(sys.modules["emis_interp.hooks"]) != manifest.digest(
-        [real(sys.modules["emis_interp.hooks"])]
-    )
+
+
+def test_source_digest_is_the_loaded_code_not_the_file(tmp_path, monkeypatch):
+    """A file edited while a process runs its old code keeps the old digest; a reload reads the new source."""
+    import importlib
+    import sys
+
+    from emis_interp.manifest import source_digest
+
+    (tmp_path / "ei_probe_mod.py").write_text("def f():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("ei_probe_mod")
+    try:
+        d1 = source_digest(mod)
+        (tmp_path / "ei_probe_mod.py").write_text("def f():\n    return 2\n")
+        assert source_digest(mod) == d1 and mod.f() == 1  # still running the old code: the old digest
+        importlib.reload(mod)
+        assert mod.f() == 2 and source_digest(mod) != d1
+    finally:
+        sys.modules.pop("ei_probe_mod", None)

@@ -25,28 +25,38 @@ def test_claim_verdict(matrix, key):
     assert v[key] is EXPECTED[key], (key, [{**r["persona"], "random": r["random"]} for r in rows])
 
 
-def test_steering_coefficient_is_chosen_on_a_held_out_seed_by_the_rule(matrix):
+def test_steering_setting_is_chosen_on_a_held_out_seed_and_is_what_the_runs_used(matrix):
     p, cfg = matrix["interventions"]["pilot"], matrix["config"]
     assert p["seed"] == cfg["pilot_seed"] not in cfg["seeds"]  # selection never on the reported seeds
     assert [(r["direction"], r["coef"]) for r in p["sweep"]] == [
         (d, c) for d in om.STEER_DIRECTIONS for c in cfg["steer_coefs"]
     ]
-    keeps = [r for r in p["sweep"] if r["in_task_ratio"] >= 0.8]
-    best = (
-        max(keeps, key=lambda r: r["fold_reduction"]) if keeps else {"direction": "persona", "coef": cfg["steer_coef"]}
-    )
-    iv = matrix["interventions"]["config"]
-    assert (p["selected_direction"], p["selected_coef"]) == (best["direction"], best["coef"])
-    assert (iv["steer_direction"], iv["steer_coef"]) == (best["direction"], best["coef"])  # what seeds 0-2 ran
+    by = {(r["direction"], r["coef"]): r for r in p["sweep"]}
+    chosen = by.get((p["selected_direction"], p["selected_coef"]))
+    keeps = [r for r in p["sweep"] if (r["in_task_ratio"] or 0) >= 0.8]
+    if keeps:  # the rule: the chosen setting keeps the task and no setting that keeps it cuts EM more
+        assert chosen in keeps and all(r["fold_reduction"] <= chosen["fold_reduction"] for r in keeps)
+    else:
+        assert (p["selected_direction"], p["selected_coef"]) == ("persona", cfg["steer_coef_fallback"])
     assert p["any_passes"] == any(r["fold_reduction"] >= 3 for r in keeps)
-    for r in p["sweep"]:  # the ratios are the measured rates'
-        assert math.isclose(r["in_task_ratio"], r["in_task"] / p["unintervened"]["in_task"])
-        assert math.isfinite(r["fold_reduction"]) and r["fold_reduction"] > 0
+    for row in matrix["interventions"]["steer"]["per_seed"]:  # what the reported runs recorded themselves
+        rec = row["persona"]["recorded"]
+        assert (rec["kind"], rec["layers"], rec["coef"]) == ("steer", [cfg["steer_layer"]], p["selected_coef"])
+        if p["selected_direction"] == "trait":  # one trait direction (the aligned model's) for every seed
+            assert rec["direction_digest"] == p["direction_digests"]["trait"]
+        else:  # another seed's persona direction, never the trait one
+            assert rec["direction_digest"] != p["direction_digests"]["trait"]
+    for r in p["sweep"]:
+        if p["unintervened"]["in_task"]:
+            assert math.isclose(r["in_task_ratio"], r["in_task"] / p["unintervened"]["in_task"])
+        assert r["fold_reduction"] is not None and r["fold_reduction"] >= 0
 
 
-def test_pilot_seed_among_the_reported_seeds_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="held-out"):
-        om.pilot_sweep(tmp_path, om.MatrixConfig(seeds=(0, 1, 2), pilot_seed=1))
+def test_pilot_seed_among_the_reported_seeds_is_refused():
+    from emis_interp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="held-out pilot_seed"):
+        om.MatrixConfig(seeds=(0, 1, 2), pilot_seed=1)
 
 
 @pytest.mark.parametrize("arm", om.IV_ARMS)
