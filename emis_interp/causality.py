@@ -531,6 +531,7 @@ class Selection:
     evaluation_questions: list[str]
     candidates: list[dict]
     rule: str
+    baseline: dict = field(default_factory=dict)  # the unsteered arm on the selection questions: metric, coherence
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -593,4 +594,5 @@ def select_layer_alpha(
         [q.id for q in ev],
         rows,
         f"largest {'decrease' if sign < 0 else 'increase'} of {metric} with coherence >= {min_coherence:g} x baseline",
+        {metric: getattr(base, metric).value, "coherence": base.coherence.value, "min_coherence": min_coherence},
     )

@@ -2,8 +2,9 @@
 
 The insecure fine-tune is rerun with the persona direction of *another* seed's insecure run ablated
 (CAFT) or added (preventative steering) on every training forward pass, and with random directions of
-equal per-layer norm used the same way. Preventative steering's coefficient is chosen on a held-out pilot
-seed (``pilot_sweep``). ``EXPECTED``: the verdicts the 3-seed report shows.
+equal per-layer norm used the same way. CAFT's layers, preventative steering's direction and coefficient, and
+the backdoor row's steering alpha are chosen on a held-out pilot seed (``pilot_sweep``). ``EXPECTED``: the
+verdicts the 3-seed report shows.
 """
 
 import math
@@ -12,33 +13,59 @@ import pytest
 
 from emis_interp import organism_matrix as om
 
-EXPECTED = {"caft_task": False, "caft_em": False, "steer_task": False, "steer_em": False, "steer_pilot": False}
+EXPECTED = {
+    "caft_task": False,
+    "caft_em": False,
+    "caft_pilot": False,
+    "steer_task": False,
+    "steer_em": False,
+    "steer_pilot": False,
+}
 
 
 @pytest.mark.parametrize("key", list(EXPECTED))
 def test_claim_verdict(matrix, key):
     v = om.verdicts(matrix)
-    if key == "steer_pilot":
-        assert v[key] is EXPECTED[key], matrix["interventions"]["pilot"]
+    if key.endswith("_pilot"):
+        assert v[key] is EXPECTED[key], matrix["pilot"][key.split("_")[0]]
         return
     rows = matrix["interventions"][key.split("_")[0]]["per_seed"]
     assert v[key] is EXPECTED[key], (key, [{**r["persona"], "random": r["random"]} for r in rows])
 
 
+def _rule_holds(p: dict, unintervened: dict, chosen: dict | None, fallback: bool) -> None:
+    """The pilot's rule: the chosen setting keeps the task and no setting that keeps it cuts EM more (nor as much
+    with more of the task, nor as much and as much of the task earlier in the sweep); the fallback when none
+    keeps it. Each fold is recomputed from the rates."""
+    for r in p["sweep"]:  # a rate of 0 counts as one answer in n
+        assert math.isclose(r["fold_reduction"], unintervened["harmful"] / max(r["harmful"], 1 / r["n"]))
+        if unintervened["in_task"]:
+            assert math.isclose(r["in_task_ratio"], r["in_task"] / unintervened["in_task"])
+    keeps = [r for r in p["sweep"] if (r["in_task_ratio"] or 0) >= 0.8]
+    if keeps:
+        assert chosen in keeps, p
+        key = (chosen["fold_reduction"], chosen["in_task_ratio"])
+        assert all((r["fold_reduction"], r["in_task_ratio"]) <= key for r in keeps), p
+        assert not any((r["fold_reduction"], r["in_task_ratio"]) == key for r in keeps[: keeps.index(chosen)]), p
+    else:
+        assert fallback, p
+    assert p["any_passes"] == any(r["fold_reduction"] >= 3 for r in keeps)
+
+
 def test_steering_setting_is_chosen_on_a_held_out_seed_and_is_what_the_runs_used(matrix):
-    p, cfg = matrix["interventions"]["pilot"], matrix["config"]
-    assert p["seed"] == cfg["pilot_seed"] not in cfg["seeds"]  # selection never on the reported seeds
+    pilot, cfg = matrix["pilot"], matrix["config"]
+    p = pilot["steer"]
+    assert pilot["seed"] == cfg["pilot_seed"] not in cfg["seeds"]  # selection never on the reported seeds
     assert [(r["direction"], r["coef"]) for r in p["sweep"]] == [
         (d, c) for d in om.STEER_DIRECTIONS for c in cfg["steer_coefs"]
     ]
     by = {(r["direction"], r["coef"]): r for r in p["sweep"]}
     chosen = by.get((p["selected_direction"], p["selected_coef"]))
-    keeps = [r for r in p["sweep"] if (r["in_task_ratio"] or 0) >= 0.8]
-    if keeps:  # the rule: the chosen setting keeps the task and no setting that keeps it cuts EM more
-        assert chosen in keeps and all(r["fold_reduction"] <= chosen["fold_reduction"] for r in keeps)
-    else:
-        assert (p["selected_direction"], p["selected_coef"]) == ("persona", cfg["steer_coef_fallback"])
-    assert p["any_passes"] == any(r["fold_reduction"] >= 3 for r in keeps)
+    fallback = (p["selected_direction"], p["selected_coef"]) == ("persona", cfg["steer_coef_fallback"])
+    _rule_holds(p, pilot["unintervened"], chosen, fallback)
+    # the pilot's persona direction comes from a held-out run too, never from a reported seed
+    assert cfg["pilot_direction_seed"] not in (*cfg["seeds"], cfg["pilot_seed"])
+    assert p["directions"]["persona"].endswith(f"(seed {cfg['pilot_direction_seed']})")
     for row in matrix["interventions"]["steer"]["per_seed"]:  # what the reported runs recorded themselves
         rec = row["persona"]["recorded"]
         assert (rec["kind"], rec["layers"], rec["coef"]) == ("steer", [cfg["steer_layer"]], p["selected_coef"])
@@ -46,17 +73,46 @@ def test_steering_setting_is_chosen_on_a_held_out_seed_and_is_what_the_runs_used
             assert rec["direction_digest"] == p["direction_digests"]["trait"]
         else:  # another seed's persona direction, never the trait one
             assert rec["direction_digest"] != p["direction_digests"]["trait"]
-    for r in p["sweep"]:
-        if p["unintervened"]["in_task"]:
-            assert math.isclose(r["in_task_ratio"], r["in_task"] / p["unintervened"]["in_task"])
-        assert r["fold_reduction"] is not None and r["fold_reduction"] >= 0
 
 
-def test_pilot_seed_among_the_reported_seeds_is_refused():
+def test_caft_layers_are_chosen_on_the_held_out_seed_and_are_what_the_runs_used(matrix):
+    p, cfg = matrix["pilot"]["caft"], matrix["config"]
+    assert [r["layers"] for r in p["sweep"]] == [list(ls) for ls in cfg["caft_layer_sets"]]
+    chosen = next((r for r in p["sweep"] if r["layers"] == p["selected_layers"]), None)
+    _rule_holds(p, matrix["pilot"]["unintervened"], chosen, p["selected_layers"] == list(cfg["caft_layer_sets"][0]))
+    assert matrix["interventions"]["config"]["caft_layers"] == p["selected_layers"]
+    for row in matrix["interventions"]["caft"]["per_seed"]:  # what the reported runs recorded themselves
+        rec = row["persona"]["recorded"]
+        assert (rec["kind"], rec["layers"], rec["coef"]) == ("ablate", p["selected_layers"], 0.0)
+        assert sorted(int(x) for x in row["persona"]["base_projection"]) == p["selected_layers"]
+
+
+def test_backdoor_alpha_is_chosen_on_the_held_out_seed_and_is_the_reported_one(matrix):
+    p, cfg, bd = matrix["pilot"]["backdoor"], matrix["config"], matrix["backdoor_direction"]
+    assert sorted(r["alpha"] for r in p["candidates"]) == sorted(cfg["backdoor_alphas"])
+    assert {r["layer"] for r in p["candidates"]} == {cfg["steer_layer"]} == {p["layer"]}
+    base = p["baseline"]
+    for r in p["candidates"]:  # coherent: at least min_coherence x the unsteered arm's coherence
+        assert r["coherence_ok"] == (r["coherence"] >= base["min_coherence"] * base["coherence"])
+    ok = [r for r in p["candidates"] if r["coherence_ok"]] or p["candidates"]
+    best = max(r["effect"] for r in ok)  # the rule: the largest increase among coherent ones, ties to the smaller
+    assert p["alpha"] == min((r["alpha"] for r in ok if r["effect"] == best), key=abs), p
+    assert (bd["alpha"], bd["layer"]) == (p["alpha"], p["layer"])
+
+
+def test_pilot_config_is_checked():
     from emis_interp.errors import ConfigError
 
     with pytest.raises(ConfigError, match="held-out pilot_seed"):
         om.MatrixConfig(seeds=(0, 1, 2), pilot_seed=1)
+    with pytest.raises(ConfigError, match="pilot_direction_seed"):
+        om.MatrixConfig(seeds=(0, 1, 2), pilot_seed=3, pilot_direction_seed=3)
+    with pytest.raises(ConfigError, match="backdoor_alphas"):
+        om.MatrixConfig(backdoor_alphas=(2.0, 2.0))
+    with pytest.raises(ConfigError, match="caft_layer_sets"):
+        om.MatrixConfig(caft_layer_sets=((0, 1), (1, 0)))
+    # layer sets are stored sorted, as the runs record them
+    assert om.MatrixConfig(caft_layer_sets=((3, 2), (1,))).caft_layer_sets == ((2, 3), (1,))
 
 
 @pytest.mark.parametrize("arm", om.IV_ARMS)

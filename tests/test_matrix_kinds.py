@@ -87,3 +87,24 @@ def test_readme_findings_table_is_generated_from_the_report(matrix):
     assert len(got) == len(want), hint
     assert all(abs(a - b) <= max(0.005, 0.03 * abs(b)) for a, b in zip(got, want, strict=True)), hint
     assert "Matrix timings (" in block
+
+
+def test_summary_under_the_table_follows_the_verdicts(matrix):
+    """The prose under the table is computed from the report: a finding moves between "reproduced" and "not
+    reproduced" with its verdict, and its numbers are the report's."""
+    import copy
+
+    assert set(om.SUMMARY_PHRASES) == set(om.FINDINGS)
+    text = om.findings_summary(matrix)
+    reproduced, rest = text.split("- **Not reproduced**", 1)
+    v = om.verdicts(matrix)
+    em = matrix["findings"]["em"]
+    phrase = om.SUMMARY_PHRASES["em"].split(" (")[0]
+    assert (phrase in reproduced) is v["finding:em"] and (phrase in rest) is not v["finding:em"]
+    assert f"{min(em['a_per_seed']):.2f}" in text and f"{max(em['a_per_seed']):.2f}" in text
+    flipped = copy.deepcopy(matrix)
+    f = flipped["findings"]["em"]
+    f["diff_per_seed"] = [-x for x in f["diff_per_seed"]] if v["finding:em"] else [1.0] * len(f["diff_per_seed"])
+    f["seed_mean_diff"] = {**f["seed_mean_diff"], "ci_lo": 0.5 if not v["finding:em"] else -1.0}
+    reproduced2, rest2 = om.findings_summary(flipped).split("- **Not reproduced**", 1)
+    assert (phrase in reproduced2) is not v["finding:em"] and (phrase in rest2) is v["finding:em"]
