@@ -63,9 +63,15 @@ def test_steering_setting_is_chosen_on_a_held_out_seed_and_is_what_the_runs_used
     chosen = by.get((p["selected_direction"], p["selected_coef"]))
     fallback = (p["selected_direction"], p["selected_coef"]) == ("persona", cfg["steer_coef_fallback"])
     _rule_holds(p, pilot["unintervened"], chosen, fallback)
-    # the pilot's persona direction comes from a held-out run too, never from a reported seed
-    assert cfg["pilot_direction_seed"] not in (*cfg["seeds"], cfg["pilot_seed"])
-    assert p["directions"]["persona"].endswith(f"(seed {cfg['pilot_direction_seed']})")
+    # the pilot's persona direction is the held-out seed's insecure run's, never a reported seed's
+    from emis_interp.manifest import direction_state
+    from emis_interp.models import load_model
+    from emis_interp.organism import ALIGNED_DIR
+
+    aligned, tok = load_model(ALIGNED_DIR)
+    held_out = om._final(om.matrix_run("insecure", cfg["pilot_direction_seed"]))[0]
+    d = om._persona(aligned, held_out, tok).select([cfg["steer_layer"]])
+    assert p["direction_digests"]["persona"] == direction_state(d)
     for row in matrix["interventions"]["steer"]["per_seed"]:  # what the reported runs recorded themselves
         rec = row["persona"]["recorded"]
         assert (rec["kind"], rec["layers"], rec["coef"]) == ("steer", [cfg["steer_layer"]], p["selected_coef"])
@@ -80,7 +86,6 @@ def test_caft_layers_are_chosen_on_the_held_out_seed_and_are_what_the_runs_used(
     assert [r["layers"] for r in p["sweep"]] == [list(ls) for ls in cfg["caft_layer_sets"]]
     chosen = next((r for r in p["sweep"] if r["layers"] == p["selected_layers"]), None)
     _rule_holds(p, matrix["pilot"]["unintervened"], chosen, p["selected_layers"] == list(cfg["caft_layer_sets"][0]))
-    assert matrix["interventions"]["config"]["caft_layers"] == p["selected_layers"]
     for row in matrix["interventions"]["caft"]["per_seed"]:  # what the reported runs recorded themselves
         rec = row["persona"]["recorded"]
         assert (rec["kind"], rec["layers"], rec["coef"]) == ("ablate", p["selected_layers"], 0.0)
@@ -97,7 +102,9 @@ def test_backdoor_alpha_is_chosen_on_the_held_out_seed_and_is_the_reported_one(m
     ok = [r for r in p["candidates"] if r["coherence_ok"]] or p["candidates"]
     best = max(r["effect"] for r in ok)  # the rule: the largest increase among coherent ones, ties to the smaller
     assert p["alpha"] == min((r["alpha"] for r in ok if r["effect"] == best), key=abs), p
-    assert (bd["alpha"], bd["layer"]) == (p["alpha"], p["layer"])
+    # what the reported arms steered with, per seed (recorded from the arms themselves)
+    assert [r["alpha_run"] for r in bd["per_seed"]] == [p["alpha"]] * len(cfg["seeds"])
+    assert bd["layer"] == p["layer"]
 
 
 def test_pilot_config_is_checked():

@@ -90,21 +90,44 @@ def test_readme_findings_table_is_generated_from_the_report(matrix):
 
 
 def test_summary_under_the_table_follows_the_verdicts(matrix):
-    """The prose under the table is computed from the report: a finding moves between "reproduced" and "not
-    reproduced" with its verdict, and its numbers are the report's."""
+    """The prose under the table is computed from the report: every claim of ``verdicts`` is in it once, in the
+    bullet its verdict says, a failing finding names where it misses, and a claim moves bullets with its verdict."""
     import copy
 
     assert set(om.SUMMARY_PHRASES) == set(om.FINDINGS)
-    text = om.findings_summary(matrix)
-    reproduced, rest = text.split("- **Not reproduced**", 1)
+
+    def bullets(report):
+        text = om.findings_summary(report)
+        yes = text.split("- **Reproduced in every seed:** ", 1)[1].split("\n- **Not reproduced**", 1)[0]
+        no = text.split("- **Not reproduced** (rows marked **no**): ", 1)[1].split("\n- **Chosen on pilot", 1)[0]
+        return yes, no
+
     v = om.verdicts(matrix)
-    em = matrix["findings"]["em"]
-    phrase = om.SUMMARY_PHRASES["em"].split(" (")[0]
-    assert (phrase in reproduced) is v["finding:em"] and (phrase in rest) is not v["finding:em"]
-    assert f"{min(em['a_per_seed']):.2f}" in text and f"{max(em['a_per_seed']):.2f}" in text
+    items = om.summary_items(matrix)
+    assert sorted(k for k, _, _ in items) == sorted(k for k in v if not k.endswith("_pilot"))
+    yes, no = bullets(matrix)
+    for key, holds, text in items:
+        assert holds is v[key]
+        assert (text in yes) is holds and (text in no) is not holds, key
+    for fid, f in matrix["findings"].items():  # a, then b, as the report has them
+        text = dict((k, t) for k, _, t in items)[f"finding:{fid}"]
+        a = f"{min(f['a_per_seed']):.2f} to {max(f['a_per_seed']):.2f}"
+        b = f"{min(f['b_per_seed']):.2f} to {max(f['b_per_seed']):.2f}"
+        if fid == "jailbroken_less_em":  # phrased "b against a"
+            a, b = b, a
+        assert a in text and b in text and text.index(a) <= text.rindex(b), (fid, text)
+        if not v[f"finding:{fid}"]:
+            assert "misses its criterion: " in text, text
     flipped = copy.deepcopy(matrix)
     f = flipped["findings"]["em"]
     f["diff_per_seed"] = [-x for x in f["diff_per_seed"]] if v["finding:em"] else [1.0] * len(f["diff_per_seed"])
     f["seed_mean_diff"] = {**f["seed_mean_diff"], "ci_lo": 0.5 if not v["finding:em"] else -1.0}
-    reproduced2, rest2 = om.findings_summary(flipped).split("- **Not reproduced**", 1)
-    assert (phrase in reproduced2) is not v["finding:em"] and (phrase in rest2) is v["finding:em"]
+    cell = flipped["convergence"]["per_seed"][0]["cross_ablation"]["insecure"]  # evil_numbers -> insecure, seed 0
+    cell["from"]["evil_numbers"]["fraction_removed"] = -1.0
+    v2 = om.verdicts(flipped)
+    assert v2["finding:em"] is not v["finding:em"] and v2["cross:evil_numbers->insecure"] is False
+    yes2, no2 = bullets(flipped)
+    em_text = dict((k, t) for k, _, t in om.summary_items(flipped))["finding:em"]
+    assert (em_text in yes2) is not v["finding:em"] and (em_text in no2) is v["finding:em"]
+    cross = dict((k, t) for k, _, t in om.summary_items(flipped))["cross:evil_numbers->insecure"]
+    assert cross in no2 and "-1.00 to" in cross
