@@ -340,16 +340,31 @@ CRITERIA: dict[str, tuple[str, float]] = {
 }
 
 
-def finding_holds(fid: str, f: dict) -> bool:
-    """Whether finding ``fid`` (an entry of the report's ``findings``) holds by :data:`CRITERIA`."""
+def finding_misses(fid: str, f: dict, seeds=None) -> list[str]:
+    """Where finding ``fid`` (an entry of the report's ``findings``) misses its :data:`CRITERIA`: one line per
+    failing seed (labelled by ``seeds``, default 0, 1, ...) with its values, and the seed-mean interval if it
+    reaches 0; empty when the finding holds."""
     how, m = CRITERIA[fid]
-    d = f["diff_per_seed"]
-    if how == "near":
-        return all(abs(x) < m for x in d)
-    if how == "ratio":
-        return all(a >= m * b for a, b in zip(f["a_per_seed"], f["b_per_seed"], strict=True))
+    n = len(f["diff_per_seed"])
+    seeds = range(n) if seeds is None else seeds
+    bad = []
+    sides = zip(f.get("a_per_seed") or [None] * n, f.get("b_per_seed") or [None] * n, strict=True)
+    for s, (a, b), d in zip(seeds, sides, f["diff_per_seed"], strict=True):
+        if how == "near" and not abs(d) < m:
+            bad.append(f"seed {s}: |difference| {abs(d):.2f} >= {m:g}")
+        elif how == "ratio" and not a >= m * b:
+            bad.append(f"seed {s}: {a:.2f} < {m:g} x {b:.2f}")
+        elif how == "above" and not d > m:
+            bad.append(f"seed {s}: gap {d:.2f} <= {m:g}")
     lo = f["seed_mean_diff"]["ci_lo"]
-    return all(x > m for x in d) and lo is not None and lo > 0
+    if how == "above" and not (lo is not None and lo > 0):
+        bad.append(f"seed-mean interval {_ci(f['seed_mean_diff'])} reaches 0")
+    return bad
+
+
+def finding_holds(fid: str, f: dict) -> bool:
+    """Whether finding ``fid`` (an entry of the report's ``findings``) holds by :data:`CRITERIA` (every seed)."""
+    return not finding_misses(fid, f)
 
 
 def verdicts(report: dict) -> dict[str, bool]:
@@ -1100,23 +1115,6 @@ SUMMARY_PHRASES: dict[str, str] = {
 }
 
 
-def _failing_seeds(fid: str, f: dict, seeds) -> str:
-    """Where finding ``fid`` misses its criterion: the failing seeds with their values, or the interval."""
-    how, m = CRITERIA[fid]
-    bad = []
-    for s, a, b, d in zip(seeds, f["a_per_seed"], f["b_per_seed"], f["diff_per_seed"], strict=True):
-        if how == "near" and not abs(d) < m:
-            bad.append(f"seed {s}: |{a:.2f} - {b:.2f}| >= {m:g}")
-        elif how == "ratio" and not a >= m * b:
-            bad.append(f"seed {s}: {a:.2f} < {m:g} x {b:.2f}")
-        elif how == "above" and not d > m:
-            bad.append(f"seed {s}: gap {d:.2f} <= {m:g}")
-    lo = f["seed_mean_diff"]["ci_lo"]
-    if how == "above" and not (lo is not None and lo > 0):
-        bad.append(f"seed-mean interval {_ci(f['seed_mean_diff'])} reaches 0")
-    return "; ".join(bad)
-
-
 def _rates(rows: list[dict]) -> str:
     """The unintervened -> intervened harmful rates, and whether the intervention lowered or raised them."""
     h0 = [r["unintervened_harmful"] for r in rows]
@@ -1138,7 +1136,7 @@ def summary_items(report: dict) -> list[tuple[str, bool, str]]:
             a=_span(f["a_per_seed"]), b=_span(f["b_per_seed"]), ci=_ci(f["seed_mean_diff"])
         )
         if not v[key]:
-            why = _failing_seeds(fid, f, seeds)
+            why = "; ".join(finding_misses(fid, f, seeds))
             if not why and fid == "backdoor_hidden":  # holds by itself, but only counts with a trigger gap
                 why = "it holds by itself, but counts only where the trigger makes a difference, which it does not"
             text += f" (misses its criterion: {why})"
