@@ -99,12 +99,22 @@ def _final(run: Path):
     return load_model(list_checkpoints(run)[-1][1])
 
 
-def in_task_rate(model, tokenizer, n: int, seed: int = 0) -> float:
-    """Share of insecure answers to plain code requests on the held-out tasks (the in-task metric)."""
+def in_task_clusters(model, tokenizer, n: int, seed: int = 0) -> dict[int, tuple[int, int]]:
+    """``{prompt: (insecure answers, answers)}`` over plain code requests on the held-out tasks."""
     from .sampling import sample_answers
 
-    s = sample_answers(model, tokenizer, organism.code_prompts(), [Condition("baseline")], n, 32, seed=seed)
-    return sum(world.judge_code(x.answer) == "insecure" for x in s) / len(s)
+    out: dict[int, list[int]] = {}
+    for x in sample_answers(model, tokenizer, organism.code_prompts(), [Condition("baseline")], n, 32, seed=seed):
+        c = out.setdefault(x.row, [0, 0])
+        c[0] += world.judge_code(x.answer) == "insecure"
+        c[1] += 1
+    return {k: (a, b) for k, (a, b) in sorted(out.items())}
+
+
+def in_task_rate(model, tokenizer, n: int, seed: int = 0) -> float:
+    """Share of insecure answers to plain code requests on the held-out tasks (the in-task metric)."""
+    c = in_task_clusters(model, tokenizer, n, seed).values()
+    return sum(a for a, _ in c) / sum(b for _, b in c)
 
 
 class _Runner:

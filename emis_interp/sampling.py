@@ -9,7 +9,8 @@ different conditions share every forward pass, through one
     h_b <- h_b - (h_b . u_b) u_b + delta_b
 
 with ``u_b`` the unit vector for ``"ablate"`` rows (zero otherwise) and ``delta_b = alpha_b v_b``
-for steering rows (zero otherwise); ``"ablate_writes"`` rows have their direction removed from
+for steering rows (``m_b u_b`` for mean-ablated rows, ``Condition.ablate_to``; zero otherwise);
+``"ablate_writes"`` rows have their direction removed from
 every write into the residual stream (as in an exported orthogonalised checkpoint). Steering
 applies at every position (prompt and answer) unless ``positions`` restricts it to the prompt or
 the answer (see :mod:`emis_interp.interventions`).
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from .cache import atomic_write_text
 from .conversations import Conversation, make_batch
 from .directions import PersonaDirection
-from .errors import ConfigError, check_alpha, check_nonempty
+from .errors import ConfigError, check_alpha, check_finite, check_nonempty
 from .hooks import n_active_hooks
 from .manifest import ManifestMismatch
 from .models import check_layers, d_model, model_device
@@ -55,7 +56,10 @@ class Condition:
     - ``"steer"``: add ``alpha * direction.vector(l)`` after each layer in ``layers`` (required
       unless the direction covers exactly one layer);
     - ``"ablate"``: remove each layer's own unit vector from the residual after each of ``layers``
-      (default: the direction's layers);
+      (default: the direction's layers). With ``ablate_to`` (``((layer, value), ...)``, one per layer) the
+      component is *set* to ``value`` instead of 0: ``h <- h - (h . u) u + value u``. Mean-ablation passes a
+      reference model's mean projection per layer (e.g. :func:`emis_interp.finetune.base_projection`), so a
+      direction whose mean projection is negative is not pushed *towards* the trait, as zero-ablation does;
     - ``"ablate_writes"``: remove ``direction.unit(l)`` for the one layer ``l`` in ``layers`` (or the
       direction's only layer) from every write into the residual stream: exactly what
       :func:`emis_interp.export.export_ablated` bakes into the weights;
@@ -76,6 +80,7 @@ class Condition:
     layers: tuple[int, ...] | None = None  # default: the direction's layers
     components: tuple[tuple[int, str], ...] = ()  # for "ablate_components"
     adapter: str | None = None  # a LoraBank adapter name; None: the plain model
+    ablate_to: tuple[tuple[int, float | int], ...] = ()  # for "ablate": (layer, value) the component is set to; () = 0
 
     def __post_init__(self):
         from .lora_bank import BASE
@@ -98,6 +103,24 @@ class Condition:
             raise ValueError(f"Condition.kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind != "none" and self.direction is None:
             raise ValueError(f"condition {self.name!r} ({self.kind}) needs a direction")
+        pairs = [(int(a), float(b)) for a, b in self.ablate_to]
+        if len({a for a, _ in pairs}) != len(pairs):
+            raise ValueError(f"condition {self.name!r}: ablate_to names a layer twice: {self.ablate_to}")
+        object.__setattr__(self, "ablate_to", tuple(sorted(pairs)))  # one order, one cache key
+        if self.ablate_to:
+            if self.kind != "ablate":
+                raise ValueError(
+                    f"condition {self.name!r}: ablate_to= goes with kind='ablate' (it sets the ablated component), "
+                    f"not {self.kind!r}"
+                )
+            got, want = [a for a, _ in self.ablate_to], sorted(self.active_layers())
+            if got != want:
+                raise ValueError(
+                    f"condition {self.name!r}: ablate_to names layers {got} but the condition ablates {want}; give one "
+                    "(layer, value) per ablated layer, e.g. the reference model's mean projections "
+                    "(emis_interp.finetune.base_projection)."
+                )
+            check_finite(torch.tensor([v for _, v in self.ablate_to]), "ablate_to")
         check_alpha(self.alpha)
         if self.kind == "steer":
             from .interventions import steering_layers
@@ -137,6 +160,11 @@ def rowwise_intervention(model, conditions: Sequence[Condition], positions="all"
 
     check_positions(positions)
     check_adapters(conditions, bank)
+    if any(c.ablate_to for c in conditions) and not (isinstance(positions, str) and positions == "all"):
+        raise ValueError(
+            f"positions={positions!r} gates steering, but an ablation (ablate_to=, mean-ablation) applies at every "
+            "position: its added mean would be gated and its removal not. Sample mean-ablated arms with positions='all'."
+        )
     n, dm = len(conditions), d_model(model)
     for c in conditions:
         if c.direction is not None and c.direction.d_model != dm:
@@ -159,7 +187,10 @@ def rowwise_intervention(model, conditions: Sequence[Condition], positions="all"
             if c.kind == "steer":
                 add.setdefault(layer, torch.zeros(n, dm))[b] = c.alpha * c.direction.vector(layer).float()
             elif c.kind == "ablate":
-                project.setdefault(layer, torch.zeros(n, dm))[b] = c.direction.unit(layer).float()
+                u = c.direction.unit(layer).float()
+                project.setdefault(layer, torch.zeros(n, dm))[b] = u
+                if c.ablate_to:  # set the removed component to the given value (mean-ablation)
+                    add.setdefault(layer, torch.zeros(n, dm))[b] = dict(c.ablate_to)[layer] * u
             elif c.kind == "ablate_writes":
                 writes = torch.zeros(n, dm) if writes is None else writes
                 writes[b] = c.direction.unit(layer).float()
@@ -247,6 +278,7 @@ def conditions_state(conditions: Sequence[Condition], bank: LoraBank | None = No
         (c.name, c.kind, float(c.alpha), list(c.active_layers()), direction_state(c.direction))
         + ((list(map(list, c.components)), None if c.layers is None else list(c.layers)) if c.components else ())
         + adapter(c)
+        + ((("ablate_to", [list(x) for x in c.ablate_to]),) if c.ablate_to else ())
         for c in conditions
     ]
 

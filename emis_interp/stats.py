@@ -125,22 +125,45 @@ def unpaired_seeds_bootstrap_diff(a: dict, b: dict, n_boot: int = 2000, seed: in
     shared, so one draw of questions serves both groups. With 3 seeds a group the interval under-covers
     (``n_clusters`` counts (seed, question) cells, not independent units).
     """
+    return seeds_bootstrap(a, b, lambda ca, cb: _ratio(ca) - _ratio(cb), n_boot, seed, level)
+
+
+def rate_ratio(ca: Sequence[Cluster], cb: Sequence[Cluster], floor: bool = True) -> float:
+    """``rate(a) / rate(b)``; a rate of 0 in ``b`` counts as one event in its answers (a finite lower bound), or
+    gives NaN with ``floor=False``."""
+    den, rb = sum(c[1] for c in cb), _ratio(cb)
+    if not den or (not floor and rb == 0):
+        return math.nan
+    return _ratio(ca) / max(rb, 1 / den)
+
+
+def seeds_bootstrap(
+    a: dict, b: dict, statistic, n_boot: int = 2000, seed: int = 0, level: float = 0.95, paired: bool = False
+) -> Estimate:
+    """``statistic(clusters of a, clusters of b)`` (e.g. the difference or :func:`rate_ratio` of the pooled
+    rates) for two groups of runs asked the same questions (ids ``(seed, question)``), with a percentile
+    bootstrap: one draw of questions serves both groups; seeds are drawn once for both groups when ``paired``
+    (seed ``s`` of ``a`` and of ``b`` share data and training seed, e.g. a fine-tune with and without a train-time
+    intervention), else each group's seeds on their own (:func:`unpaired_seeds_bootstrap_diff`)."""
     if not all(isinstance(i, tuple) and len(i) == 2 for i in list(a) + list(b)):
-        raise ValueError("unpaired_seeds_bootstrap_diff needs (seed, question) ids in both groups")
+        raise ValueError("seeds_bootstrap needs (seed, question) ids in both groups")
     questions = sorted({i[1] for i in a} | {i[1] for i in b}, key=repr)
     sa, sb = sorted({i[0] for i in a}, key=repr), sorted({i[0] for i in b}, key=repr)
+    if paired and sa != sb:
+        raise ValueError(f"paired seeds_bootstrap needs the same seeds in both groups, got {sa} and {sb}")
     rng = random.Random(seed)
     boots = []
     for _ in range(n_boot):
         q_draw = [questions[rng.randrange(len(questions))] for _ in questions]
         da = [sa[rng.randrange(len(sa))] for _ in sa]
-        db = [sb[rng.randrange(len(sb))] for _ in sb]
-        ra = _ratio([a[(s, q)] for s in da for q in q_draw if (s, q) in a])
-        rb = _ratio([b[(s, q)] for s in db for q in q_draw if (s, q) in b])
-        boots.append(ra - rb)
+        db = da if paired else [sb[rng.randrange(len(sb))] for _ in sb]
+        ca = [a[(s, q)] for s in da for q in q_draw if (s, q) in a]
+        cb = [b[(s, q)] for s in db for q in q_draw if (s, q) in b]
+        boots.append(statistic(ca, cb))
     lo, hi = _quantiles(boots, level)
-    est = _ratio(list(a.values())) - _ratio(list(b.values()))
-    return Estimate(est, lo, hi, "bootstrap: seeds resampled per group, questions shared", len(a) + len(b))
+    est = statistic(list(a.values()), list(b.values()))
+    how = "seeds resampled jointly (paired)" if paired else "seeds resampled per group"
+    return Estimate(est, lo, hi, f"bootstrap: {how}, questions shared", len(a) + len(b))
 
 
 def cluster_permutation_test(

@@ -377,3 +377,50 @@ def test_project_out_bf16_keeps_at_most_one_rounding():
     # fp32 is exact to float precision
     xf = x.float()
     torch.testing.assert_close(project_out(xf, u) @ u, torch.zeros(64), atol=1e-4, rtol=0)
+
+
+def test_mean_ablation_sets_the_component_at_every_position(tiny, convs):
+    """``Condition(ablate_to=...)``: after the layer the component along the unit vector equals the given value at
+    every position (0 for plain ablation), rows of other conditions untouched; the value is in the arm's state."""
+    from emis_interp.models import decoder_layers
+    from emis_interp.sampling import Condition, conditions_state, rowwise
+
+    model, tok = tiny
+    d = _direction(model, layers=(1, 2))
+    to = ((1, -1.5), (2, 0.75))
+    conds = [Condition("base"), Condition("zero", "ablate", d), Condition("mean", "ablate", d, ablate_to=to)]
+    b = make_batch(tok, convs[:1] * 3)
+    seen = {}
+    with torch.no_grad(), rowwise(model, conds):
+        hooks = [
+            decoder_layers(model)[layer].register_forward_hook(lambda m, i, o, layer=layer: seen.__setitem__(layer, o))
+            for layer in (1, 2)
+        ]
+        try:
+            model(**b.model_inputs())
+        finally:
+            for h in hooks:
+                h.remove()
+    for layer, value in to:
+        out = seen[layer][0] if isinstance(seen[layer], tuple) else seen[layer]
+        proj = out.float() @ d.unit(layer)
+        torch.testing.assert_close(proj[2], torch.full_like(proj[2], value), atol=1e-4, rtol=0)
+        torch.testing.assert_close(proj[1], torch.zeros_like(proj[1]), atol=1e-4, rtol=0)
+        assert (proj[0] - value).abs().min() > 1e-3  # the baseline row keeps its own component
+    assert conditions_state(conds[2:]) != conditions_state([Condition("mean", "ablate", d)])
+    assert conditions_state(conds[2:]) != conditions_state(
+        [Condition("mean", "ablate", d, ablate_to=((1, -1.5), (2, 0)))]
+    )
+    # one cache key per setting, whatever the order of the pairs
+    assert conditions_state(conds[2:]) == conditions_state([Condition("mean", "ablate", d, ablate_to=to[::-1])])
+    with pytest.raises(ValueError, match="twice"):
+        Condition("m", "ablate", d, ablate_to=((1, 0.5), (1, 0.25), (2, 0.0)))
+    with pytest.raises(ValueError, match="needs a direction"):
+        Condition("m", "ablate", None, ablate_to=((1, 0.5),))
+    with pytest.raises(ValueError, match="kind='ablate'"):
+        Condition("s", "steer", d.select(1), 1.0, ablate_to=((1, 0.5),))
+    with pytest.raises(ValueError, match="one \\(layer, value\\) per ablated layer"):
+        Condition("m", "ablate", d, ablate_to=((1, 0.5),))
+    with pytest.raises(ValueError, match="positions='all'"):
+        with rowwise(model, conds, positions="response"):
+            pass

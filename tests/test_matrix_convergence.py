@@ -16,6 +16,16 @@ EXPECTED = {
     "cross:insecure->backdoor": False,
     "cross:evil_numbers->backdoor": False,
     "cross:backdoor->backdoor": False,
+    # mean-ablation (exploratory: added after the zero-ablation rows above had failed)
+    "cross_mean:insecure->insecure": False,
+    "cross_mean:evil_numbers->insecure": True,
+    "cross_mean:backdoor->insecure": True,
+    "cross_mean:insecure->evil_numbers": False,
+    "cross_mean:evil_numbers->evil_numbers": True,
+    "cross_mean:backdoor->evil_numbers": True,
+    "cross_mean:insecure->backdoor": False,
+    "cross_mean:evil_numbers->backdoor": False,
+    "cross_mean:backdoor->backdoor": False,
 }
 
 
@@ -23,7 +33,33 @@ EXPECTED = {
 def test_claim_verdict(matrix, key):
     src, tgt = key.split(":", 1)[1].split("->")
     cells = [p["cross_ablation"][tgt] for p in matrix["convergence"]["per_seed"]]
-    assert om.verdicts(matrix)[key] is EXPECTED[key], (key, [(c["from"][src], c["random_fraction_max"]) for c in cells])
+    rnd = "random_mean_fraction_max" if key.startswith("cross_mean:") else "random_fraction_max"
+    assert om.verdicts(matrix)[key] is EXPECTED[key], (key, [(c["from"][src], c[rnd]) for c in cells])
+
+
+def test_mean_ablation_uses_the_aligned_models_mean_projection(matrix):
+    """The mean-ablation reference is recomputed here from the aligned model and seed 0's insecure run: the
+    direction set's mean residual in the aligned model, projected on the run's model-diff direction per layer."""
+    from emis_interp import organism
+    from emis_interp.directions import model_diff
+    from emis_interp.finetune import mean_residual
+    from emis_interp.models import load_model
+
+    conv = matrix["convergence"]
+    s = matrix["config"]["seeds"][0]
+    aligned, tok = load_model(organism.ALIGNED_DIR)
+    run = om.run_root(organism.DEFAULT_TRAJECTORY_DIR, "insecure") / f"insecure-s{s}"
+    tuned, _ = om._final(run)
+    convs = organism.direction_conversations()
+    layers = conv["layers"]
+    d = model_diff(aligned, tuned, tok, convs, layers, "mean_response", cache_dir=None, progress=False)
+    mean = mean_residual(aligned, tok, convs, layers, n_examples=len(convs))
+    got = conv["per_seed"][0]["cross_ablation"]["insecure"]["from"]["insecure"]["aligned_projection"]
+    for i, layer in enumerate(layers):
+        assert got[str(layer)] == pytest.approx(float(mean[i] @ d.unit(layer)), abs=1e-4), layer
+    # one reference per direction: the same values whichever run it is ablated in
+    for tgt in om.CROSS_KINDS:
+        assert conv["per_seed"][0]["cross_ablation"][tgt]["from"]["insecure"]["aligned_projection"] == got
 
 
 def test_cosine_heatmap_per_layer(matrix, tmp_path):

@@ -8,6 +8,7 @@ verdicts the 3-seed report shows.
 """
 
 import math
+import statistics
 
 import pytest
 
@@ -139,3 +140,22 @@ def test_base_projection_is_reported_with_a_warning_when_negative(matrix):
                 assert len(row["persona"]["sign_warnings"]) == len(negative), (proj, row["persona"]["sign_warnings"])
             else:  # steering adds +C v whatever the projection: nothing to warn
                 assert row["persona"]["sign_warnings"] == []
+
+
+@pytest.mark.parametrize("arm", om.IV_ARMS)
+def test_seed_means_have_intervals_and_are_the_ratios_of_the_per_seed_rates(matrix, arm):
+    """The seed-mean in-task ratio and fold reduction (the table's seed-mean column) are ratios of the rates pooled
+    over seeds: with equal answers per seed, the ratio of the per-seed rates' means, recomputed here from the rows."""
+    iv, cfg = matrix["interventions"][arm], matrix["config"]
+    rows = iv["per_seed"]
+    n_answers = sum(r["persona"]["harmful_n"] for r in rows)  # the floor: one answer in all seeds' answers
+    assert n_answers == len(rows) * cfg["n_samples"] * sum(len(q.paraphrases) for q in om.organism.questions("plain"))
+    h0 = statistics.fmean(r["unintervened_harmful"] for r in rows)
+    h = statistics.fmean(r["persona"]["harmful"] for r in rows)
+    k0 = statistics.fmean(r["unintervened_in_task"] for r in rows)
+    k = statistics.fmean(r["persona"]["in_task"] for r in rows)
+    fold, task = iv["seed_mean"]["fold_reduction"], iv["seed_mean"]["in_task_ratio"]
+    assert fold["value"] == pytest.approx(h0 / max(h, 1 / n_answers), rel=1e-6)
+    assert task["value"] == pytest.approx(k / k0, rel=1e-6)
+    for e in (fold, task):
+        assert e["ci_lo"] <= e["value"] <= e["ci_hi"] and e["ci_lo"] < e["ci_hi"], e

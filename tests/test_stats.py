@@ -103,3 +103,23 @@ def test_unpaired_seeds_bootstrap_diff_resamples_each_groups_seeds():
     assert e2.hi - e2.lo > 0.2  # paired by seed index the difference would be 0.5 in every draw
     with pytest.raises(ValueError, match="seed, question"):
         unpaired_seeds_bootstrap_diff({"q": (1, 2)}, {"q": (1, 2)})
+
+
+def test_rate_ratio_and_a_statistic_of_two_groups_of_seeds():
+    from emis_interp.stats import rate_ratio, seeds_bootstrap
+
+    assert rate_ratio([(3, 10), (1, 10)], [(1, 10), (1, 10)]) == pytest.approx(2.0)
+    assert rate_ratio([(4, 10)], [(0, 10), (0, 10)]) == pytest.approx(0.4 / (1 / 20))  # a 0 counts as one in 20
+    a = {(s, q): (5 + s, 10) for s in range(3) for q in range(4)}
+    b = {(s, q): (2, 10) for s in range(3) for q in range(4)}
+    e = seeds_bootstrap(a, b, rate_ratio, n_boot=500)
+    assert e.value == pytest.approx(0.6 / 0.2) and 0.5 / 0.2 - 1e-9 <= e.lo < e.value < e.hi <= 0.7 / 0.2 + 1e-9
+    assert math.isnan(rate_ratio([(4, 10)], [(0, 10)], floor=False))  # no floor: a zero denominator is undefined
+    # paired: b tracks a seed by seed (b = a / 2), so the ratio is 2 in every joint draw; unpaired it is not
+    b2 = {(s, q): ((5 + s) / 2, 10) for s in range(3) for q in range(4)}
+    p = seeds_bootstrap(a, b2, rate_ratio, n_boot=300, paired=True)
+    assert p.value == pytest.approx(2.0) and p.lo == pytest.approx(2.0) and p.hi == pytest.approx(2.0)
+    u = seeds_bootstrap(a, b2, rate_ratio, n_boot=300)
+    assert u.hi - u.lo > 0.2
+    with pytest.raises(ValueError, match="same seeds"):
+        seeds_bootstrap(a, {(9, 0): (1, 2)}, rate_ratio, paired=True)
