@@ -277,6 +277,7 @@ def _apply_lora(model, cfg: FinetuneConfig, plan: PrecisionPlan):
 # --- train-time interventions: CAFT ablation and preventative steering --------------------------------
 
 INTERVENTION_KINDS = ("ablate", "steer")
+ABLATE_TO = ("zero", "mean")  # what kind="ablate" sets the removed component to
 INTERVENTION_FILE = "intervention.json"
 BASE_PROJECTION_EXAMPLES = 64  # training examples whose response tokens give the base model's mean projection
 
@@ -322,6 +323,15 @@ class TrainIntervention:
       the span of ``directions`` is projected out, ``h <- h - Q Q^T h``. Several directions are
       orthonormalised per layer (QR, :func:`orthonormal_basis`) and each basis vector is removed
       in turn, which is exact because projections onto orthonormal vectors commute. ``coef`` stays 0.
+      ``ablate_to="zero"`` (default, CAFT) leaves the component at 0; ``ablate_to="mean"`` (mean-ablation)
+      sets it to the *base model's* mean, ``h <- h - Q Q^T h + Q Q^T m_l``, where ``m_l`` is the base
+      model's mean residual after layer ``l`` over the response tokens of the first
+      :data:`BASE_PROJECTION_EXAMPLES` training conversations (:func:`mean_residual`, computed by
+      :func:`finetune` before training and recorded in ``intervention.json``). Zero-ablating a
+      direction the base projects negatively on pushes towards the trait (:func:`ablation_sign_warnings`);
+      mean-ablation avoids that push. It sets the span's component to one constant at *every* position
+      (prompt, padding and special tokens too, while the mean is over response tokens), so it removes the
+      base model's own per-token variation along the span as well as the fine-tune's change.
     - ``kind="steer"`` (preventative steering, persona vectors): ``coef * direction.vector(l)`` is
       added at every position after each layer ``l`` in ``layers``. One direction; ``coef`` is in
       units of its raw magnitude, like ``alpha`` in :func:`emis_interp.interventions.steer`.
@@ -335,6 +345,7 @@ class TrainIntervention:
     directions: PersonaDirection | Sequence[PersonaDirection]
     layers: int | Sequence[int]
     coef: float | int = 0.0
+    ablate_to: str = "zero"
 
     def __post_init__(self):
         dirs = (self.directions,) if isinstance(self.directions, PersonaDirection) else tuple(self.directions)
@@ -370,6 +381,13 @@ class TrainIntervention:
             if zero:
                 raise ConfigError(f"direction {i} is zero at layer(s) {zero}; it has no direction to ablate or add.")
         _check_coef(self.kind, self.coef)
+        if self.ablate_to not in ABLATE_TO:
+            raise ConfigError(f"unknown ablate_to {self.ablate_to!r}; choose one of {ABLATE_TO}.")
+        if self.kind != "ablate" and self.ablate_to != "zero":
+            raise ConfigError(
+                f"ablate_to={self.ablate_to!r} is for kind='ablate' (what the removed component is set to); "
+                "kind='steer' adds a vector and removes nothing: drop ablate_to."
+            )
         if self.kind == "ablate":
             for layer in self.layers:
                 self.basis(layer)  # raises on linearly dependent directions
@@ -396,20 +414,41 @@ class TrainIntervention:
                 f"intervention layers {bad} are out of range for a model with {n} decoder layers (0..{n - 1})."
             )
 
-    def ablations(self) -> list[Intervention]:
-        """``kind="ablate"``: one engine :class:`Intervention` per orthonormal basis vector (all layers each)."""
+    def ablations(self, reference: Float[Tensor, "layer d_model"] | None = None) -> list[Intervention]:
+        """``kind="ablate"``: one engine :class:`Intervention` per orthonormal basis vector ``q`` (all layers each):
+        ``project={l: q_l}``, and with ``ablate_to="mean"`` also ``add={l: (q_l . m_l) q_l}``, ``m_l`` the row of
+        ``reference`` for layer ``l`` (rows in :attr:`layers` order, which is sorted, as :func:`mean_residual`'s). The engine projects before it adds, and
+        the basis vectors are orthogonal, so the span's component ends at ``Q Q^T m_l`` whatever the order."""
         bases = {layer: self.basis(layer) for layer in self.layers}
+        if self.ablate_to == "mean":
+            if reference is None or tuple(reference.shape) != (len(self.layers), self.directions[0].d_model):
+                raise ConfigError(
+                    "ablate_to='mean' needs the base model's mean residual at the intervention's layers, one row per "
+                    f"layer {list(self.layers)} (finetune computes it: mean_residual), got "
+                    f"{None if reference is None else tuple(reference.shape)}."
+                )
+            ref = dict(zip(self.layers, reference.detach().float(), strict=True))
+            return [
+                Intervention(
+                    project={layer: b[i] for layer, b in bases.items()},
+                    add={layer: (b[i] @ ref[layer]) * b[i] for layer, b in bases.items()},
+                )
+                for i in range(len(self.directions))
+            ]
+        if reference is not None:
+            raise ConfigError("a reference mean is for ablate_to='mean'; zero-ablation (CAFT) takes none.")
         return [Intervention(project={layer: b[i] for layer, b in bases.items()}) for i in range(len(self.directions))]
 
     @contextmanager
-    def attach(self, model) -> Iterator[None]:
-        """Install the intervention's hooks on ``model`` (PEFT-wrapped or not); all come off on exit."""
+    def attach(self, model, reference: Float[Tensor, "layer d_model"] | None = None) -> Iterator[None]:
+        """Install the intervention's hooks on ``model`` (PEFT-wrapped or not); all come off on exit.
+        ``reference``: the base model's mean residual at :attr:`layers` (``ablate_to="mean"`` only)."""
         self.check(model)
         with ExitStack() as stack:
             if self.kind == "steer":
                 stack.enter_context(steer(model, self.directions[0], self.coef, list(self.layers)))
             else:
-                for iv in self.ablations():
+                for iv in self.ablations(reference):
                     stack.enter_context(iv.attach(model))
             # the engine keeps generate() from compiling while hooks are on; training never generates, and
             # a full fine-tune's checkpoints save generation_config.json, which must not carry that flag
@@ -417,12 +456,15 @@ class TrainIntervention:
             yield
 
     def manifest_fields(self) -> dict:
-        """What identifies the intervention in a run's manifest: kind, layers, coef, digests of the vectors used."""
+        """What identifies the intervention in a run's manifest: kind, layers, coef, digests of the vectors used, and
+        for mean-ablation ``ablate_to="mean"`` (the mean is determined by the base model, the data
+        and :data:`BASE_PROJECTION_EXAMPLES`, all in the run's manifest)."""
         return {
             "kind": self.kind,
             "layers": list(self.layers),
             "coef": self.coef,
             "directions": [direction_state(d.select(list(self.layers))) for d in self.directions],
+            **({"ablate_to": "mean"} if self.ablate_to == "mean" else {}),  # absent: zero (manifests as before)
         }
 
     def describe(self) -> dict:
@@ -443,8 +485,9 @@ class TrainIntervention:
 def mean_residual(
     model, tokenizer, convs, layers, *, n_examples: int = BASE_PROJECTION_EXAMPLES, batch_size: int = 8
 ) -> Float[Tensor, "layer d_model"]:
-    """Mean residual after each of ``layers`` (sorted) over the first ``n_examples`` conversations: each
-    conversation's mean over its response tokens (``capture``'s ``"mean_response"``), averaged."""
+    """Mean residual after each of ``layers`` (one row per layer, sorted: ``capture`` sorts and de-duplicates them)
+    over the first ``n_examples`` conversations: each conversation's mean over its response tokens (``capture``'s
+    ``"mean_response"``), averaged."""
     from .capture import capture
 
     acts = capture(
@@ -454,8 +497,17 @@ def mean_residual(
     return reduce(acts.acts, "n layer d -> layer d", "mean")
 
 
-def _project(mean: Float[Tensor, "layer d_model"], layers: list[int], direction: PersonaDirection) -> dict[int, float]:
-    return {layer: float(mean[i] @ direction.unit(layer).float()) for i, layer in enumerate(layers)}
+def mean_projection(
+    mean: Float[Tensor, "layer d_model"], layers: Sequence[int], direction: PersonaDirection
+) -> dict[int, float]:
+    """``{layer: mean[i] . direction.unit(layer)}``: a :func:`mean_residual` (rows in sorted layer order) projected
+    onto the direction's unit vector at each layer."""
+    if list(layers) != sorted(set(layers)) or len(layers) != len(mean):
+        raise ValueError(
+            f"layers {list(layers)} must be sorted and distinct, one per row of the mean ({len(mean)} rows), as "
+            "mean_residual returns them"
+        )
+    return {layer: float(mean[i].float() @ direction.unit(layer).float()) for i, layer in enumerate(layers)}
 
 
 def base_projection(
@@ -477,7 +529,7 @@ def base_projection(
     """
     layers = check_layers(model, direction.layers if layers is None else layers)
     mean = mean_residual(model, tokenizer, convs, layers, n_examples=n_examples, batch_size=batch_size)
-    return _project(mean, layers, direction)
+    return mean_projection(mean, layers, direction)
 
 
 def ablation_sign_warnings(projections: list[dict[int, float]]) -> list[str]:
@@ -493,12 +545,17 @@ def ablation_sign_warnings(projections: list[dict[int, float]]) -> list[str]:
     ]
 
 
-def intervention_report(model, tokenizer, convs, intervention: TrainIntervention, n_examples: int) -> dict:
-    """:meth:`TrainIntervention.describe` plus the base model's mean projections (and sign warnings, emitted)."""
+def intervention_report(
+    model, tokenizer, convs, intervention: TrainIntervention, n_examples: int
+) -> tuple[dict, Float[Tensor, "layer d_model"]]:
+    """:meth:`TrainIntervention.describe` plus the base model's mean projections (and sign warnings, emitted, for
+    zero-ablation only: mean-ablation sets the component to that mean), and the mean residual itself (rows in
+    ``intervention.layers`` order: mean-ablation's reference)."""
     layers = list(intervention.layers)
     mean = mean_residual(model, tokenizer, convs, layers, n_examples=n_examples)
-    projections = [_project(mean, layers, d) for d in intervention.directions]
-    notes = ablation_sign_warnings(projections) if intervention.kind == "ablate" else []
+    projections = [mean_projection(mean, layers, d) for d in intervention.directions]
+    zero = intervention.kind == "ablate" and intervention.ablate_to == "zero"
+    notes = ablation_sign_warnings(projections) if zero else []
     for msg in notes:
         warnings.warn(msg, AblationSignWarning, stacklevel=3)
     rows = [
@@ -511,7 +568,20 @@ def intervention_report(model, tokenizer, convs, intervention: TrainIntervention
         "reduction": "mean over each example's response tokens, then over examples; onto the unit direction",
         "rows": rows,
     }
-    return {**intervention.describe(), "base_projection": base, "warnings": notes}
+    if intervention.ablate_to == "mean":  # the value each basis vector's component is set to, per layer
+        base["set_to_reading"] = (
+            "coordinates of the base mean along the QR basis of the directions' span (a basis vector's sign is "
+            "arbitrary; with one direction, |value| = |mean_projection|); span_norm: |Q Q^T m_l|"
+        )
+        base["span_norm"] = {
+            str(layer): float((intervention.basis(layer) @ m).norm()) for layer, m in zip(layers, mean, strict=True)
+        }
+        base["set_to"] = [
+            {"basis_vector": i, "layer": layer, "value": float(q @ m)}
+            for layer, m in zip(layers, mean, strict=True)
+            for i, q in enumerate(intervention.basis(layer))
+        ]
+    return {**intervention.describe(), "base_projection": base, "warnings": notes}, mean
 
 
 def read_intervention(output_dir: str | Path) -> dict | None:
@@ -592,10 +662,11 @@ def finetune(
         device_map=cfg.device_map,
         revision=cfg.revision,
     )
-    report = None
+    report = reference = None
     if intervention is not None:  # before anything is written: a misfit intervention leaves no output behind
         intervention.check(model)
-        report = intervention_report(model, tok, convs, intervention, BASE_PROJECTION_EXAMPLES)
+        report, mean = intervention_report(model, tok, convs, intervention, BASE_PROJECTION_EXAMPLES)
+        reference = mean if intervention.ablate_to == "mean" else None
     keep = _inputs_inside(out, cfg.data, cfg.model if Path(cfg.model).exists() else None, cfg.tokenizer)
     prepare_dir(out, manifest, overwrite=overwrite, flag="--overwrite", keep=keep)
     (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -643,7 +714,7 @@ def finetune(
         callbacks=[*(callbacks or []), _prune_resume_state(out)],
     )
     resume = [p for s, p in list_checkpoints(out) if s > 0 and _complete(p) and (p / "optimizer.pt").exists()]
-    with intervention.attach(model) if intervention is not None else nullcontext():
+    with intervention.attach(model, reference) if intervention is not None else nullcontext():
         trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
     ckpts = list_checkpoints(out)
     expected = {0, *range(cfg.save_steps, cfg.max_steps + 1, cfg.save_steps)}

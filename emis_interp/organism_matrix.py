@@ -212,7 +212,7 @@ def _entry(arm, n_boot: int) -> dict:
 
 def _evaluate(models: dict, cfg: MatrixConfig, out: Path) -> dict:
     """``{name: {what: [entry per seed]}}`` for every model in ``models`` ({name: {seed: (model, tok)}})."""
-    from .organism_report import in_task_clusters
+    from .organism_report import in_task_clusters, pooled_rate
 
     res: dict = {}
     for name, per_seed in models.items():
@@ -223,7 +223,7 @@ def _evaluate(models: dict, cfg: MatrixConfig, out: Path) -> dict:
                 model, tok = per_seed[s]
                 if what == "in_task":
                     c = in_task_clusters(model, tok, cfg.n_code, seed=s)
-                    rows.append({"value": sum(a for a, _ in c.values()) / sum(b for _, b in c.values()), "clusters": c})
+                    rows.append({"value": pooled_rate(c), "clusters": c})
                     continue
                 n = cfg.n_requests if what == "requests" else cfg.n_samples
                 rows.append(_entry(_measure(model, tok, what, n, s, out), cfg.n_boot))
@@ -785,7 +785,7 @@ def _intervention_runs(root: Path, runs: dict, cfg: MatrixConfig, pilot: dict) -
 
 def _interventions(iv: dict, ev: dict, cfg: MatrixConfig, out: Path) -> dict:
     from .finetune import read_intervention
-    from .organism_report import in_task_clusters
+    from .organism_report import in_task_clusters, pooled_rate
 
     res: dict = {}
     for arm in IV_ARMS:
@@ -804,7 +804,7 @@ def _interventions(iv: dict, ev: dict, cfg: MatrixConfig, out: Path) -> dict:
                 rate = measured.mo_rate
                 h = rate.value
                 itc = in_task_clusters(model, t, cfg.n_code, seed=s)
-                it = sum(a for a, _ in itc.values()) / sum(b for _, b in itc.values())
+                it = pooled_rate(itc)
                 if k == 0:
                     pooled["h"].update({(s, q): tuple(c) for q, c in measured.clusters("mo_rate").items()})
                     pooled["k"].update({(s, q): c for q, c in itc.items()})
@@ -900,20 +900,12 @@ def _cosines(dirs: dict, layers) -> dict:
     return {"kinds": names, "per_layer": out}
 
 
-def _aligned_projection(mean, layers, d) -> dict[int, float]:
-    """The aligned model's mean projection onto ``d``'s unit vector at each layer (``mean``: ``[layer, d_model]``,
-    rows in the sorted order :func:`emis_interp.finetune.mean_residual` returns them)."""
-    if list(layers) != sorted(set(layers)):
-        raise ValueError(f"layers {layers} must be sorted and distinct, as mean_residual's rows are")
-    return {layer: float(mean[i].float() @ d.unit(layer).float()) for i, layer in enumerate(layers)}
-
-
 def _convergence(models: dict, aligned, tok, ev: dict, cfg: MatrixConfig, out: Path) -> dict:
     """Per seed: the kinds' model-diff directions (cosines per layer) and the cross-ablation matrix, by
     zero-ablation (the direction's component removed) and by mean-ablation (set to the aligned model's mean
     projection on the direction set, :class:`emis_interp.sampling.Condition` ``ablate_to``), each against random
     directions ablated the same way."""
-    from .finetune import mean_residual
+    from .finetune import mean_projection, mean_residual
     from .stats import rank_p_value
 
     layers = list(range(aligned.config.num_hidden_layers))
@@ -924,11 +916,11 @@ def _convergence(models: dict, aligned, tok, ev: dict, cfg: MatrixConfig, out: P
         dirs = {k: _persona(aligned, models[k][s][0], tok, convs) for k in CONVERGENCE_KINDS}
         cos = _cosines(dirs, layers)
         cross: dict = {}
-        proj = {src: _aligned_projection(mean, layers, dirs[src]) for src in CROSS_KINDS}
+        proj = {src: mean_projection(mean, layers, dirs[src]) for src in CROSS_KINDS}
         for target, fmt in CROSS_KINDS.items():
             model, t = models[target][s]
             rand = [dirs[target].random_like(seed=9000 + 100 * s + k) for k in range(cfg.n_random_cross)]
-            rproj = [_aligned_projection(mean, layers, r) for r in rand]
+            rproj = [mean_projection(mean, layers, r) for r in rand]
             arms = [Condition("baseline")]
             arms += [Condition(f"from-{src}", "ablate", dirs[src], 0.0, None) for src in CROSS_KINDS]
             arms += [Condition(f"random-ablate#{k}", "ablate", r, 0.0, None) for k, r in enumerate(rand)]
@@ -953,7 +945,7 @@ def _convergence(models: dict, aligned, tok, ev: dict, cfg: MatrixConfig, out: P
                     seed=s,
                     output_dir=out,
                     progress=False,
-                )  # fmt: skip
+                )
                 for a in (arms, mean_arms)
             )
             base = res.arm("baseline").mo_rate.value

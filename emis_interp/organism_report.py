@@ -111,10 +111,14 @@ def in_task_clusters(model, tokenizer, n: int, seed: int = 0) -> dict[int, tuple
     return {k: (a, b) for k, (a, b) in sorted(out.items())}
 
 
+def pooled_rate(clusters: dict) -> float:
+    """Hits over answers, pooled over the clusters of :func:`in_task_clusters` (``{prompt: (hits, answers)}``)."""
+    return sum(a for a, _ in clusters.values()) / sum(b for _, b in clusters.values())
+
+
 def in_task_rate(model, tokenizer, n: int, seed: int = 0) -> float:
     """Share of insecure answers to plain code requests on the held-out tasks (the in-task metric)."""
-    c = in_task_clusters(model, tokenizer, n, seed).values()
-    return sum(a for a, _ in c) / sum(b for _, b in c)
+    return pooled_rate(in_task_clusters(model, tokenizer, n, seed))
 
 
 class _Runner:

@@ -32,9 +32,13 @@ Train-time interventions act on every training forward pass only (checkpoints ar
         --intervention ablate --direction evil.safetensors --layers 12 16 20 24 \\
         --max-steps 32 --batch-size 2 --grad-accum 8 --save-steps 4
 
+  With --ablate-to mean the component is set, at every position, to the base model's mean over the
+  response tokens of the first 64 training examples instead of 0 (mean-ablation: no push towards
+  the trait where the base model projects negatively on the direction).
+
 --direction is a PersonaDirection file (emis_interp.model_diff(...).save(path)) covering every
 --layers layer. --out/intervention.json records the intervention and the base model's mean
-projection on each direction; ablating a direction the base model projects negatively on pushes
+projection on each direction; zero-ablating a direction the base model projects negatively on pushes
 towards the trait (a warning says so).
 """
 
@@ -44,6 +48,7 @@ from emis_interp import organism
 from emis_interp.directions import PersonaDirection
 from emis_interp.errors import ConfigError
 from emis_interp.finetune import (
+    ABLATE_TO,
     ALL_LINEAR,
     INTERVENTION_FILE,
     INTERVENTION_KINDS,
@@ -66,13 +71,24 @@ def add_intervention_args(ap: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--layers", nargs="+", type=int, default=None, metavar="L", help="decoder layers to intervene after")
     g.add_argument("--coef", type=float, default=None, help="steer only: multiple of the direction's raw vector")
+    g.add_argument(
+        "--ablate-to", choices=ABLATE_TO, default=None,
+        help="ablate only: set the removed component to 0 (default, CAFT) or to the base model's mean on the data",
+    )  # fmt: skip
 
 
 def intervention_from_args(ap: argparse.ArgumentParser, a) -> TrainIntervention | None:
     """The :class:`TrainIntervention` the flags ask for (None without --intervention); errors via ``ap.error``."""
     if a.intervention is None:
         given = [
-            f for f, v in (("--direction", a.direction), ("--layers", a.layers), ("--coef", a.coef)) if v is not None
+            f
+            for f, v in (
+                ("--direction", a.direction),
+                ("--layers", a.layers),
+                ("--coef", a.coef),
+                ("--ablate-to", a.ablate_to),
+            )
+            if v is not None
         ]
         if given:
             ap.error(f"{', '.join(given)} given without --intervention; add --intervention ablate|steer (or drop them)")
@@ -90,9 +106,13 @@ def intervention_from_args(ap: argparse.ArgumentParser, a) -> TrainIntervention 
         )
     if a.intervention == "ablate" and a.coef is not None:
         ap.error("--coef is for --intervention steer; ablation removes the whole component and takes no coefficient")
+    if a.intervention == "steer" and a.ablate_to is not None:
+        ap.error(
+            "--ablate-to is for --intervention ablate (what the removed component is set to); steering removes nothing"
+        )
     try:
         directions = [PersonaDirection.load(p) for p in a.direction]
-        return TrainIntervention(a.intervention, directions, a.layers, a.coef or 0.0)
+        return TrainIntervention(a.intervention, directions, a.layers, a.coef or 0.0, a.ablate_to or "zero")
     except (ConfigError, FileNotFoundError) as e:
         ap.error(str(e))
 
@@ -161,7 +181,9 @@ def main(argv=None) -> None:
     report = read_intervention(a.out) if intervention is not None else None
     if report is not None:
         print(
-            f"intervention: {report['kind']} at layers {report['layers']} (coef {report['coef']:g}); {a.out}/{INTERVENTION_FILE}"
+            f"intervention: {report['kind']} at layers {report['layers']} (coef {report['coef']:g}"
+            + (f", to {report['ablate_to']}" if "ablate_to" in report else "")
+            + f"); {a.out}/{INTERVENTION_FILE}"
         )
         for row in report["base_projection"]["rows"]:
             print(

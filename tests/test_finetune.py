@@ -374,6 +374,10 @@ def test_train_intervention_validates_inputs():
         TrainIntervention("ablate", [d, PersonaDirection(torch.ones(1, 16), [1])], [1])
     with pytest.raises(ConfigError, match="zero at layer"):
         TrainIntervention("ablate", PersonaDirection(torch.zeros(1, 32), [1]), [1])
+    with pytest.raises(ConfigError, match="unknown ablate_to 'median'"):
+        TrainIntervention("ablate", d, [1], ablate_to="median")
+    with pytest.raises(ConfigError, match="ablate_to='mean' is for kind='ablate'"):
+        TrainIntervention("steer", d, [1], coef=2.0, ablate_to="mean")
     iv = TrainIntervention("steer", d, 1, coef=5)  # one direction and an int layer are normalised
     assert iv.directions == (d,) and iv.layers == (1,) and iv.coef == 5.0
 
@@ -445,6 +449,69 @@ def test_ablation_of_a_direction_set_removes_its_span_in_training_forwards(tiny_
         assert (before @ v2).abs().max() > 1e-2 * before.norm(dim=-1).max()
         naive = project_out(project_out(before, u1), v2)
         assert (naive - after).abs().max() > 1e-3  # the test tells span removal from sequential projection
+
+
+def test_mean_ablation_sets_the_span_to_the_base_models_mean_in_training_forwards(tiny_dir, data, tmp_path):
+    import warnings
+
+    from emis_interp import PersonaDirection, load_jsonl, load_model
+    from emis_interp.errors import ConfigError
+    from emis_interp.finetune import (
+        BASE_PROJECTION_EXAMPLES,
+        INTERVENTION_FILE,
+        AblationSignWarning,
+        TrainIntervention,
+        mean_projection,
+        mean_residual,
+    )
+    from emis_interp.manifest import ManifestMismatch
+
+    model, tok = load_model(tiny_dir, device="cpu")
+    m = mean_residual(model, tok, load_jsonl(data), [0, 2], n_examples=BASE_PROJECTION_EXAMPLES)  # the base's mean
+    u1, r = _unit(21), _unit(22)
+    r = r - (r @ u1) * u1
+    v2 = 0.6 * u1 + 0.8 * r / r.norm()  # not orthogonal to u1
+    # the first direction is the base mean's own direction at layer 0, negated: zero-ablating it would push
+    # towards +direction (a sign warning); mean-ablation keeps the mean and warns of nothing
+    d1 = PersonaDirection(torch.stack([-m[0] / m[0].norm(), u1]), [0, 2], {"method": "test"})
+    dirs = [d1, _dirs(3.0 * v2, layers=(0, 2))[0]]
+    iv = TrainIntervention("ablate", dirs, [2, 0], ablate_to="mean")
+    rec = resid_recorder([0, 2])
+    cfg = _cfg(tiny_dir, data, tmp_path / "mean", max_steps=2, save_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AblationSignWarning)
+        finetune(cfg, progress=False, callbacks=[rec], intervention=iv)
+    assert sorted(layer for layer, _, _ in rec.pairs) == [0, 0, 2, 2]
+    for layer, before, after in rec.pairs:
+        q, _ = torch.linalg.qr(torch.stack([d.vector(layer) for d in dirs]).double().T)
+        q = q.T.float()
+        kept = m[[0, 2].index(layer)] @ q.T  # the base mean's coordinates in the span
+        torch.testing.assert_close(after, before - (before @ q.T) @ q + kept @ q, atol=1e-5, rtol=1e-5)
+        # every position's span coordinates are the base mean's, whatever they were before
+        torch.testing.assert_close(after @ q.T, kept.expand_as(after @ q.T), atol=1e-5, rtol=1e-5)
+        assert (before @ q.T - kept).abs().max() > 1e-2 * before.norm(dim=-1).max()  # it had to move them
+        assert kept.abs().max() > 1e-3  # a non-zero mean: zero-ablation would give another result
+    report = json.loads((tmp_path / "mean" / INTERVENTION_FILE).read_text())
+    assert report["ablate_to"] == "mean" and report["warnings"] == []
+    set_to = {(x["basis_vector"], x["layer"]): x["value"] for x in report["base_projection"]["set_to"]}
+    assert sorted(set_to) == [(0, 0), (0, 2), (1, 0), (1, 2)]
+    # basis vector 0 is direction 0's unit vector up to sign (QR), so its value is +-direction 0's mean
+    # projection, which is -|m_0| (the direction is -m_0's)
+    row0 = next(x for x in report["base_projection"]["rows"] if (x["direction"], x["layer"]) == (0, 0))
+    assert row0["mean_projection"] == pytest.approx(-float(m[0].norm()), rel=1e-4)
+    assert abs(set_to[(0, 0)]) == pytest.approx(float(m[0].norm()), rel=1e-4)
+    q0, _ = torch.linalg.qr(torch.stack([d.vector(0) for d in dirs]).double().T)
+    span = float(((q0 @ q0.T).float() @ m[0]).norm())
+    assert report["base_projection"]["span_norm"]["0"] == pytest.approx(span, rel=1e-4)
+    assert span == pytest.approx(float(m[0].norm()), rel=1e-4)  # m_0 lies in the span (direction 0 is -m_0)
+    with pytest.raises(ValueError, match="sorted and distinct"):
+        mean_projection(m, [2, 0], dirs[0])
+    with pytest.raises(ManifestMismatch, match=r"ablate_to"):  # zero- and mean-ablation are different runs
+        finetune(cfg, progress=False, intervention=TrainIntervention("ablate", dirs, [0, 2]))
+    with pytest.raises(ConfigError, match="needs the base model's mean residual"):
+        iv.ablations()
+    with pytest.raises(ConfigError, match="zero-ablation .* takes none"):
+        TrainIntervention("ablate", dirs, [0, 2]).ablations(m)
 
 
 def test_ablation_hooks_reach_peft_layers_and_gradients_flow_like_the_reference(tiny_dir, convs):
@@ -589,6 +656,7 @@ def test_intervention_is_in_the_manifest_and_a_changed_one_refuses(tiny_dir, dat
     finetune(cfg, progress=False, intervention=iv)
     fields = read_manifest(out).fields["intervention"]
     assert fields["kind"] == "ablate" and fields["layers"] == [1] and fields["coef"] == 0.0
+    assert "ablate_to" not in fields  # zero-ablation's manifest is as it was before mean-ablation existed
     assert len(fields["directions"]) == 1 and len(fields["directions"][0]) == 16  # a digest of the vectors
     report = json.loads((out / INTERVENTION_FILE).read_text())
     assert report["kind"] == "ablate" and report["layers"] == [1] and report["directions"][0]["meta"] == d.meta
@@ -685,6 +753,12 @@ def test_finetune_cli_intervention_arguments(monkeypatch, tmp_path, capsys):
         (["--intervention", "ablate", "--direction", str(tmp_path / "nope.safetensors"), "--layers", "1"], "not exist"),
         (["--intervention", "steer", "--direction", f, f, "--layers", "1", "--coef", "5"], "adds one direction"),
         (["--intervention", "tilt", "--direction", f, "--layers", "1"], "invalid choice"),
+        (["--ablate-to", "mean"], "--ablate-to given without --intervention"),
+        (
+            ["--intervention", "steer", "--direction", f, "--layers", "1", "--coef", "5", "--ablate-to", "mean"],
+            "--ablate-to is for",
+        ),
+        (["--intervention", "ablate", "--direction", f, "--layers", "1", "--ablate-to", "median"], "invalid choice"),
     ]
     for argv, msg in bad:
         with pytest.raises(SystemExit):
@@ -695,7 +769,9 @@ def test_finetune_cli_intervention_arguments(monkeypatch, tmp_path, capsys):
     ft_cli.main(base + ["--intervention", "steer", "--direction", f, "--layers", "1", "--coef", "5"])
     ft_cli.main(base + ["--intervention", "ablate", "--direction", f, f2, "--layers", "2", "1"])
     ft_cli.main(base)
+    ft_cli.main(base + ["--intervention", "ablate", "--direction", f, "--layers", "1", "--ablate-to", "mean"])
     steer_iv, ablate_iv = got[0]["intervention"], got[1]["intervention"]
+    assert got[3]["intervention"].ablate_to == "mean" and ablate_iv.ablate_to == "zero"
     assert (steer_iv.kind, steer_iv.layers, steer_iv.coef) == ("steer", (1,), 5.0)
     assert torch.equal(steer_iv.directions[0].vectors, d.vectors)
     assert (ablate_iv.kind, ablate_iv.layers, ablate_iv.coef) == ("ablate", (1, 2), 0.0)
