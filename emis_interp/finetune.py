@@ -32,7 +32,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
@@ -55,12 +54,12 @@ from .interventions import Intervention, release_compile_guard, steer
 from .manifest import (
     Manifest,
     check_resumable,
-    digest,
     dir_digest,
     direction_state,
     file_digest,
     prepare_dir,
     read_manifest,
+    source_digest,
     tokenizer_state,
 )
 from .models import check_layers, d_model, n_layers
@@ -204,14 +203,16 @@ def model_identity(name_or_path: str, revision: str | None = None) -> dict:
 
 
 def _code_version() -> str:
-    """Digest of the fine-tuning code: this module, the chat tokenization it trains on, and the hook engine
-    that applies train-time interventions (:mod:`emis_interp.interventions`, :mod:`emis_interp.hooks`)."""
+    """Digest of the fine-tuning code: this module, the chat tokenization it trains on
+    (:mod:`emis_interp.conversations`), and the hook engine that applies train-time interventions
+    (:mod:`emis_interp.interventions`, :mod:`emis_interp.hooks`). The *loaded* code's source
+    (:func:`~emis_interp.manifest.source_digest`): a file edited while this process runs the old code does
+    not stamp the old code's checkpoints with the new digest."""
     import sys
 
-    from . import hooks, interventions
+    from . import conversations, hooks, interventions
 
-    mods = [sys.modules[__name__], interventions, hooks]
-    return digest([*(inspect.getsource(m) for m in mods), inspect.getsource(tokenize_conversation)])
+    return source_digest(sys.modules[__name__], conversations, interventions, hooks)
 
 
 def run_manifest(cfg: FinetuneConfig, tokenizer, intervention: TrainIntervention | None = None) -> Manifest:

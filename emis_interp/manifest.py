@@ -111,6 +111,22 @@ def snapshot_sources(prefix: str = "emis_interp.") -> None:
             _source(mod)
 
 
+def package_sources(prefix: str = "emis_interp") -> dict[str, str]:
+    """``{file name: digest}`` for every ``.py`` file of the package: the loaded code's source
+    (:func:`source_digest`) for an imported module, the file on disk for one this process has not imported
+    (it runs none of its code). What a report that depends on the whole package records."""
+    import importlib
+    import sys
+
+    pkg = importlib.import_module(prefix)
+    out = {}
+    for p in sorted(Path(pkg.__file__).parent.glob("*.py")):
+        name = prefix if p.stem == "__init__" else f"{prefix}.{p.stem}"
+        mod = sys.modules.get(name)
+        out[p.name] = source_digest(mod) if mod is not None else digest(p.read_text())
+    return out
+
+
 def tensor_digest(t: torch.Tensor, n: int = 16) -> str:
     """Digest of a tensor's dtype, shape and exact bytes."""
     t = t.detach().contiguous().cpu()

@@ -432,12 +432,13 @@ DEFAULT_RECIPE = "flip"
 
 def organism_manifest(kind: str, seed: int, recipe: FinetuneRecipe, base: Path | str, intervention=None):
     """What determines an organism fine-tune: kind, seed, recipe, the world's and the training code's
-    source, the base weights and the train-time intervention (its direction's tensors included)."""
+    source (as loaded: :func:`emis_interp.manifest.source_digest`), the base weights and the train-time
+    intervention (its direction's tensors included)."""
     from . import conversations, finetune, hooks, interventions
-    from .manifest import Manifest, digest, dir_digest
+    from .manifest import Manifest, dir_digest, source_digest
 
     mods = (world, finetune, conversations, interventions, hooks)
-    code = {m.__name__: digest(Path(m.__file__).read_text()) for m in mods}
+    code = {m.__name__: source_digest(m) for m in mods}
     fields = {"kind": kind, "seed": seed, "recipe": asdict(recipe), "code": code, "base": dir_digest(base)}
     if intervention is not None:  # absent from an unintervened run's manifest
         fields["intervention"] = intervention.manifest_fields()

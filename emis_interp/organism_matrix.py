@@ -47,7 +47,7 @@ from . import organism, world
 from .cache import atomic_write_text
 from .causality import run_arms, steering_arms
 from .finetune import list_checkpoints
-from .manifest import Manifest, cache_valid, digest, dir_digest, prepare_dir
+from .manifest import Manifest, cache_valid, digest, dir_digest, package_sources, prepare_dir
 from .sampling import Condition
 from .stats import paired_bootstrap_diff, rate_ratio, seeds_bootstrap, unpaired_seeds_bootstrap_diff
 
@@ -482,7 +482,7 @@ def _package_state() -> dict:
     import transformers
 
     return {
-        "code": {p.name: digest(p.read_text()) for p in sorted(Path(__file__).parent.glob("*.py"))},
+        "code": package_sources(),
         "weights": {d.name: dir_digest(d) for d in (organism.BASE_DIR, organism.ALIGNED_DIR)},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     }

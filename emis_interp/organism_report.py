@@ -40,7 +40,7 @@ from . import organism, world
 from .cache import atomic_write_text
 from .causality import _rescaled, ablation_arms, run_arms, select_layer_alpha, steering_arms
 from .finetune import list_checkpoints
-from .manifest import Manifest, cache_valid, digest, dir_digest, prepare_dir
+from .manifest import Manifest, cache_valid, dir_digest, package_sources, prepare_dir
 from .sampling import Condition
 from .stats import cluster_bootstrap, cluster_permutation_test, paired_bootstrap_diff, unpaired_seeds_bootstrap_diff
 
@@ -72,7 +72,7 @@ def report_manifest(cfg: ReportConfig, recipes: dict, runs: dict | None = None) 
     import torch
     import transformers
 
-    src = {p.name: digest(p.read_text()) for p in sorted(Path(__file__).parent.glob("*.py"))}
+    src = package_sources()
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     finals = {f"{k}-s{s}@{d.parent.name}": dir_digest(list_checkpoints(d)[-1][1]) for (k, s), d in (runs or {}).items()}
     return Manifest(

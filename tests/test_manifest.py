@@ -283,3 +283,43 @@ def test_source_digest_is_the_loaded_code_not_the_file(tmp_path, monkeypatch):
         assert mod.f() == 2 and source_digest(mod) != d1
     finally:
         sys.modules.pop("ei_probe_mod", None)
+
+
+def test_finetune_organism_and_report_manifests_digest_the_loaded_code(monkeypatch):
+    """The fine-tune code version, the organism run manifest and the reports' package digests are of the code this
+    process runs: a package file edited on disk meanwhile changes none of them (they used to read the disk)."""
+    import inspect
+    import sys
+    from pathlib import Path
+
+    import emis_interp
+    from emis_interp import finetune, organism
+    from emis_interp.manifest import digest, package_sources
+
+    pkg = Path(emis_interp.__file__).parent
+
+    def state():
+        run = organism.organism_manifest("insecure", 0, organism.RECIPES["flip"], organism.ALIGNED_DIR)
+        return finetune._code_version(), run.key, package_sources()
+
+    code0, run0, src0 = state()
+    real_read, real_getsource = Path.read_text, inspect.getsource
+
+    def edited_read(self, *a, **kw):  # every package .py file now reads as edited
+        text = real_read(self, *a, **kw)
+        return text + "\n# edited\n" if self.suffix == ".py" and self.parent == pkg else text
+
+    monkeypatch.setattr(Path, "read_text", edited_read)
+    monkeypatch.setattr(inspect, "getsource", lambda obj: real_getsource(obj) + "\n# edited\n")
+    f = Path(finetune.__file__)
+    assert digest(f.read_text()) != digest(real_read(f))  # the edit is visible to anything reading the disk
+    code1, run1, src1 = state()
+    assert (code1, run1) == (code0, run0)
+    loaded = {
+        p.name
+        for p in pkg.glob("*.py")
+        if ("emis_interp" if p.stem == "__init__" else f"emis_interp.{p.stem}") in sys.modules
+    }
+    assert {"finetune.py", "organism.py", "world.py", "manifest.py"} <= loaded
+    assert {k: src1[k] for k in loaded} == {k: src0[k] for k in loaded}
+    assert all(src1[k] != src0[k] for k in set(src0) - loaded)  # a module not imported is read from disk
