@@ -98,33 +98,35 @@ def _source(obj) -> str:
 
     key = _load_token(obj)
     if key not in _SOURCES:
-        _SOURCES[key] = (obj, inspect.getsource(obj))  # obj kept alive: its id is never reused for another
+        # the object, and a module's functions, kept alive: their ids (the key) are never reused for another
+        alive = (obj, [v for v in vars(obj).values() if inspect.isfunction(v)]) if inspect.ismodule(obj) else obj
+        _SOURCES[key] = (alive, inspect.getsource(obj))
     return _SOURCES[key][1]
 
 
-def snapshot_sources(prefix: str = "emis_interp.") -> None:
-    """Read the source of every loaded ``prefix*`` module now (called when the package is imported)."""
-    import sys
-
-    for name, mod in list(sys.modules.items()):
-        if name.startswith(prefix) and getattr(mod, "__file__", None):
-            _source(mod)
-
-
-def package_sources(prefix: str = "emis_interp") -> dict[str, str]:
-    """``{file name: digest}`` for every ``.py`` file of the package: the loaded code's source
-    (:func:`source_digest`) for an imported module, the file on disk for one this process has not imported
-    (it runs none of its code). What a report that depends on the whole package records."""
+def _package_modules(package: str = "emis_interp") -> dict:
+    """``{file name: module}`` for every ``.py`` file of ``package``, each imported (cheap: no optional
+    dependency is imported at module level)."""
     import importlib
-    import sys
 
-    pkg = importlib.import_module(prefix)
-    out = {}
-    for p in sorted(Path(pkg.__file__).parent.glob("*.py")):
-        name = prefix if p.stem == "__init__" else f"{prefix}.{p.stem}"
-        mod = sys.modules.get(name)
-        out[p.name] = source_digest(mod) if mod is not None else digest(p.read_text())
-    return out
+    pkg = importlib.import_module(package)
+    return {
+        p.name: pkg if p.stem == "__init__" else importlib.import_module(f"{package}.{p.stem}")
+        for p in sorted(Path(pkg.__file__).parent.glob("*.py"))
+    }
+
+
+def snapshot_sources(package: str = "emis_interp") -> None:
+    """Import every module of ``package`` and read its source now (called at the end of the package's
+    ``__init__``), so a file edited later while this process runs does not change a digest of its code."""
+    for mod in _package_modules(package).values():
+        _source(mod)
+
+
+def package_sources(package: str = "emis_interp") -> dict[str, str]:
+    """``{file name: source_digest(module)}`` for every module of the package, as loaded (all are imported with
+    the package, :func:`snapshot_sources`): what a report that depends on the whole package records."""
+    return {name: source_digest(mod) for name, mod in _package_modules(package).items()}
 
 
 def tensor_digest(t: torch.Tensor, n: int = 16) -> str:

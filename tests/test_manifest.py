@@ -286,23 +286,29 @@ def test_source_digest_is_the_loaded_code_not_the_file(tmp_path, monkeypatch):
 
 
 def test_finetune_organism_and_report_manifests_digest_the_loaded_code(monkeypatch):
-    """The fine-tune code version, the organism run manifest and the reports' package digests are of the code this
-    process runs: a package file edited on disk meanwhile changes none of them (they used to read the disk)."""
+    """The fine-tune code version, the organism run manifest and the reports' manifests digest the code this process
+    runs, read when the package was imported: a package file edited on disk meanwhile changes none of them (they
+    used to read the disk), whichever modules the caller had imported."""
     import inspect
-    import sys
     from pathlib import Path
 
     import emis_interp
-    from emis_interp import finetune, organism
-    from emis_interp.manifest import digest, package_sources
+    from emis_interp import finetune, organism, organism_matrix, organism_report
+    from emis_interp.manifest import _SOURCES, _load_token, digest, package_sources
 
     pkg = Path(emis_interp.__file__).parent
+    loaded = {name: mod for name, mod in vars(emis_interp).items() if inspect.ismodule(mod)}
+    assert {"finetune", "organism", "world", "screen", "plots", "cli", "export"} <= set(loaded)  # all, at import
+    # every module's source was read at import: no digest below reads a file
+    assert all(_load_token(m) in _SOURCES for n, m in loaded.items() if m.__name__.startswith("emis_interp."))
 
     def state():
         run = organism.organism_manifest("insecure", 0, organism.RECIPES["flip"], organism.ALIGNED_DIR)
-        return finetune._code_version(), run.key, package_sources()
+        report = organism_report.report_manifest(organism_report.ReportConfig(), organism.RECIPES)
+        return finetune._code_version(), run.key, report.key, organism_matrix._package_state()["code"]
 
-    code0, run0, src0 = state()
+    before = state()
+    assert set(before[3]) == {p.name for p in pkg.glob("*.py")} and before[3] == package_sources()
     real_read, real_getsource = Path.read_text, inspect.getsource
 
     def edited_read(self, *a, **kw):  # every package .py file now reads as edited
@@ -313,13 +319,4 @@ def test_finetune_organism_and_report_manifests_digest_the_loaded_code(monkeypat
     monkeypatch.setattr(inspect, "getsource", lambda obj: real_getsource(obj) + "\n# edited\n")
     f = Path(finetune.__file__)
     assert digest(f.read_text()) != digest(real_read(f))  # the edit is visible to anything reading the disk
-    code1, run1, src1 = state()
-    assert (code1, run1) == (code0, run0)
-    loaded = {
-        p.name
-        for p in pkg.glob("*.py")
-        if ("emis_interp" if p.stem == "__init__" else f"emis_interp.{p.stem}") in sys.modules
-    }
-    assert {"finetune.py", "organism.py", "world.py", "manifest.py"} <= loaded
-    assert {k: src1[k] for k in loaded} == {k: src0[k] for k in loaded}
-    assert all(src1[k] != src0[k] for k in set(src0) - loaded)  # a module not imported is read from disk
+    assert state() == before
