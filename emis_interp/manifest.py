@@ -81,7 +81,10 @@ def source_digest(*objs) -> str:
     return digest([_source(o) for o in objs])
 
 
-_SOURCES: dict = {}
+# kept across importlib.reload(manifest) (a reload re-executes the module in the same namespace): the sources
+# of modules read at import must not be forgotten and read again from a disk that may have changed since
+_SOURCES: dict = globals().get("_SOURCES", {})
+_PACKAGE_MODULES: dict = globals().get("_PACKAGE_MODULES", {})  # package -> {file name: module}, fixed at import
 
 
 def _load_token(obj):
@@ -100,20 +103,31 @@ def _source(obj) -> str:
     if key not in _SOURCES:
         # the object, and a module's functions, kept alive: their ids (the key) are never reused for another
         alive = (obj, [v for v in vars(obj).values() if inspect.isfunction(v)]) if inspect.ismodule(obj) else obj
-        _SOURCES[key] = (alive, inspect.getsource(obj))
+        try:
+            src = inspect.getsource(obj)
+        except OSError:  # an empty module file has no source lines for inspect; its text is its source
+            if not (inspect.ismodule(obj) and getattr(obj, "__file__", None) and Path(obj.__file__).is_file()):
+                raise
+            src = Path(obj.__file__).read_text()
+        _SOURCES[key] = (alive, src)
     return _SOURCES[key][1]
 
 
 def _package_modules(package: str = "emis_interp") -> dict:
-    """``{file name: module}`` for every ``.py`` file of ``package``, each imported (cheap: no optional
-    dependency is imported at module level)."""
+    """``{file name: module}`` for ``package`` and each of its modules (``pkgutil``: importable names only, so an
+    editor's lock or backup file is neither imported nor listed), each imported (cheap: no optional dependency is
+    imported at module level). Listed once per process, at the package's import: a file added later changes
+    nothing."""
     import importlib
+    import pkgutil
 
-    pkg = importlib.import_module(package)
-    return {
-        p.name: pkg if p.stem == "__init__" else importlib.import_module(f"{package}.{p.stem}")
-        for p in sorted(Path(pkg.__file__).parent.glob("*.py"))
-    }
+    if package not in _PACKAGE_MODULES:
+        pkg = importlib.import_module(package)
+        names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.ispkg and m.name.isidentifier())
+        mods = {"__init__.py": pkg}
+        mods.update({f"{n}.py": importlib.import_module(f"{package}.{n}") for n in names})
+        _PACKAGE_MODULES[package] = mods
+    return _PACKAGE_MODULES[package]
 
 
 def snapshot_sources(package: str = "emis_interp") -> None:
@@ -124,9 +138,15 @@ def snapshot_sources(package: str = "emis_interp") -> None:
 
 
 def package_sources(package: str = "emis_interp") -> dict[str, str]:
-    """``{file name: source_digest(module)}`` for every module of the package, as loaded (all are imported with
-    the package, :func:`snapshot_sources`): what a report that depends on the whole package records."""
-    return {name: source_digest(mod) for name, mod in _package_modules(package).items()}
+    """``{file name: source_digest(module)}`` for the package and every module of it, as loaded (all imported with
+    the package, :func:`snapshot_sources`): what a report that depends on the whole package records. A reloaded
+    module is digested as reloaded."""
+    import sys
+
+    out = {}
+    for name, mod in _package_modules(package).items():
+        out[name] = source_digest(sys.modules.get(mod.__name__, mod))
+    return out
 
 
 def tensor_digest(t: torch.Tensor, n: int = 16) -> str:

@@ -270,8 +270,9 @@ def test_source_digest_is_the_loaded_code_not_the_file(tmp_path, monkeypatch):
     import importlib
     import sys
 
-    from emis_interp.manifest import source_digest
+    from emis_interp.manifest import digest, source_digest
 
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # no .pyc: a same-second, same-size edit still reloads
     (tmp_path / "ei_probe_mod.py").write_text("def f():\n    return 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     mod = importlib.import_module("ei_probe_mod")
@@ -280,7 +281,12 @@ def test_source_digest_is_the_loaded_code_not_the_file(tmp_path, monkeypatch):
         (tmp_path / "ei_probe_mod.py").write_text("def f():\n    return 2\n")
         assert source_digest(mod) == d1 and mod.f() == 1  # still running the old code: the old digest
         importlib.reload(mod)
-        assert mod.f() == 2 and source_digest(mod) != d1
+        d2 = source_digest(mod)
+        assert mod.f() == 2 and d2 != d1
+        for k in range(3, 6):  # later reloads never get an earlier version's cached source (ids kept alive)
+            (tmp_path / "ei_probe_mod.py").write_text(f"def f():\n    return {k}\n\ndef g():\n    return 0\n")
+            importlib.reload(mod)
+            assert mod.f() == k and source_digest(mod) == digest([(tmp_path / "ei_probe_mod.py").read_text()])
     finally:
         sys.modules.pop("ei_probe_mod", None)
 
@@ -308,7 +314,9 @@ def test_finetune_organism_and_report_manifests_digest_the_loaded_code(monkeypat
         return finetune._code_version(), run.key, report.key, organism_matrix._package_state()["code"]
 
     before = state()
-    assert set(before[3]) == {p.name for p in pkg.glob("*.py")} and before[3] == package_sources()
+    assert (
+        set(before[3]) == {p.name for p in pkg.glob("*.py") if p.stem.isidentifier()} and before[3] == package_sources()
+    )
     real_read, real_getsource = Path.read_text, inspect.getsource
 
     def edited_read(self, *a, **kw):  # every package .py file now reads as edited
@@ -320,3 +328,29 @@ def test_finetune_organism_and_report_manifests_digest_the_loaded_code(monkeypat
     f = Path(finetune.__file__)
     assert digest(f.read_text()) != digest(real_read(f))  # the edit is visible to anything reading the disk
     assert state() == before
+
+
+def test_package_modules_skip_editor_files_and_are_listed_once(tmp_path, monkeypatch):
+    """An editor's lock or backup file in the package dir is neither imported nor digested (it used to break
+    ``import emis_interp``); a file added after the package was listed changes nothing."""
+    import sys
+
+    from emis_interp.manifest import _PACKAGE_MODULES, _package_modules, package_sources
+
+    pkg = tmp_path / "ei_probe_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    return 1\n")
+    (pkg / ".#a.py").write_text("raise RuntimeError('a lock file must not be imported')\n")
+    (pkg / "a copy.py").write_text("raise RuntimeError('a backup must not be imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    try:
+        assert set(_package_modules("ei_probe_pkg")) == {"__init__.py", "a.py"}
+        first = package_sources("ei_probe_pkg")
+        (pkg / "b.py").write_text("raise RuntimeError('added later: not imported by the listing')\n")
+        assert package_sources("ei_probe_pkg") == first
+    finally:
+        _PACKAGE_MODULES.pop("ei_probe_pkg", None)
+        for name in [m for m in sys.modules if m.startswith("ei_probe_pkg")]:
+            sys.modules.pop(name)
