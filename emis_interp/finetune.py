@@ -24,7 +24,8 @@
   training forward pass, through the one hook engine of :mod:`emis_interp.interventions`. The
   hooks are on only inside ``trainer.train()``, so checkpoints are plain models (tested: no hooks,
   the same logits as the trained model without hooks, the same configs as an unintervened run).
-  The intervention (kind, layers, coef, digests of the vectors) is in the manifest, and
+  The intervention (kind, layers, coef, digests of the vectors; for mean-ablation ``ablate_to`` and the
+  code that computes the reference mean) is in the manifest, and
   ``intervention.json`` records it with the base model's mean projection on each direction
   (:func:`base_projection`): zero-ablating a direction the base projects *negatively* on adds
   along it, pushing towards the trait (:class:`AblationSignWarning`).
@@ -217,7 +218,8 @@ def _code_version() -> str:
 
 def run_manifest(cfg: FinetuneConfig, tokenizer, intervention: TrainIntervention | None = None) -> Manifest:
     """Everything that determines a fine-tune's checkpoints (see the module docstring), including the
-    train-time intervention (kind, layers, coef and digests of the direction vectors used)."""
+    train-time intervention (kind, layers, coef and digests of the direction vectors used) and the device type,
+    which sets the precision plan (:func:`precision_plan`: bf16 autocast / a bf16 LoRA base on CUDA)."""
     import peft
     import transformers
 
@@ -230,6 +232,7 @@ def run_manifest(cfg: FinetuneConfig, tokenizer, intervention: TrainIntervention
     }
     fields["intervention"] = None if intervention is None else intervention.manifest_fields()
     fields["code"] = _code_version()
+    fields["device_type"] = "cuda" if torch.cuda.is_available() else "cpu"  # as finetune() chooses it
     fields["versions"] = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -326,7 +329,8 @@ class TrainIntervention:
       in turn, which is exact because projections onto orthonormal vectors commute. ``coef`` stays 0.
       ``ablate_to="zero"`` (default, CAFT) leaves the component at 0; ``ablate_to="mean"`` (mean-ablation)
       sets it to the *base model's* mean, ``h <- h - Q Q^T h + Q Q^T m_l``, where ``m_l`` is the base
-      model's mean residual after layer ``l`` over the response tokens of the first
+      model's mean residual after layer ``l`` (each conversation's mean over its response tokens, whole
+      conversations, not cut at ``max_len``; then the mean over conversations) for the first
       :data:`BASE_PROJECTION_EXAMPLES` training conversations (:func:`mean_residual`, computed by
       :func:`finetune` before training and recorded in ``intervention.json``). Zero-ablating a
       direction the base projects negatively on pushes towards the trait (:func:`ablation_sign_warnings`);
@@ -458,14 +462,21 @@ class TrainIntervention:
 
     def manifest_fields(self) -> dict:
         """What identifies the intervention in a run's manifest: kind, layers, coef, digests of the vectors used, and
-        for mean-ablation ``ablate_to="mean"`` (the mean is determined by the base model, the data
-        and :data:`BASE_PROJECTION_EXAMPLES`, all in the run's manifest)."""
+        for mean-ablation ``ablate_to="mean"`` and what determines its reference mean beyond the base model, the
+        data and the device type (in the run's manifest): the capture code and :data:`BASE_PROJECTION_EXAMPLES`."""
+        from .capture import capture_code
+
         return {
             "kind": self.kind,
             "layers": list(self.layers),
             "coef": self.coef,
             "directions": [direction_state(d.select(list(self.layers))) for d in self.directions],
-            **({"ablate_to": "mean"} if self.ablate_to == "mean" else {}),  # absent: zero (manifests as before)
+            # absent for zero-ablation (manifests as before)
+            **(
+                {"ablate_to": "mean", "reference": {"capture": capture_code(), "n_examples": BASE_PROJECTION_EXAMPLES}}
+                if self.ablate_to == "mean"
+                else {}
+            ),
         }
 
     def describe(self) -> dict:

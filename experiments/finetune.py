@@ -33,7 +33,7 @@ Train-time interventions act on every training forward pass only (checkpoints ar
         --max-steps 32 --batch-size 2 --grad-accum 8 --save-steps 4
 
   With --ablate-to mean the component is set, at every position, to the base model's mean over the
-  response tokens of the first 64 training examples instead of 0 (mean-ablation: no push towards
+  first 64 training examples (each example's mean over its response tokens) instead of 0 (mean-ablation: no push towards
   the trait where the base model projects negatively on the direction).
 
 --direction is a PersonaDirection file (emis_interp.model_diff(...).save(path)) covering every

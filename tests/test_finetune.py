@@ -493,6 +493,12 @@ def test_mean_ablation_sets_the_span_to_the_base_models_mean_in_training_forward
         assert kept.abs().max() > 1e-3  # a non-zero mean: zero-ablation would give another result
     report = json.loads((tmp_path / "mean" / INTERVENTION_FILE).read_text())
     assert report["ablate_to"] == "mean" and report["warnings"] == []
+    from emis_interp.capture import capture_code
+    from emis_interp.manifest import read_manifest
+
+    fields = read_manifest(tmp_path / "mean").fields  # what computes the reference mean is in the manifest
+    assert fields["intervention"]["reference"] == {"capture": capture_code(), "n_examples": BASE_PROJECTION_EXAMPLES}
+    assert fields["device_type"] == ("cuda" if torch.cuda.is_available() else "cpu")
     set_to = {(x["basis_vector"], x["layer"]): x["value"] for x in report["base_projection"]["set_to"]}
     assert sorted(set_to) == [(0, 0), (0, 2), (1, 0), (1, 2)]
     # basis vector 0 is direction 0's unit vector up to sign (QR), so its value is +-direction 0's mean
