@@ -142,7 +142,7 @@ def resolve(args) -> dict:
     if getattr(args, "control_direction", None) is not None:
         control = PersonaDirection.load(args.control_direction)
     elif on_organism and args.direction is None:
-        control = organism_control_direction(tok, layers=direction.layers)
+        control = organism.organism_control_direction(tok, layers=direction.layers)
     qs = load_questions(args.questions) if args.questions else organism.questions()
     judge = get_judge(args.judge, **({"base_url": args.judge_base_url} if args.judge_base_url else {}))
     return {
@@ -156,22 +156,6 @@ def resolve(args) -> dict:
         "on_organism": on_organism,
         "max_new_tokens": args.max_new_tokens or (24 if on_organism else 256),
     }
-
-
-def organism_control_direction(
-    tok, layers, kind: str = "secure", seed: int = 0, root: Path = organism.DEFAULT_TRAJECTORY_DIR
-) -> PersonaDirection:
-    """The organism's fine-tuning-shift control: the ``kind`` run's final model-diff (aligned -> fine-tuned)."""
-    from .directions import model_diff
-    from .finetune import list_checkpoints
-    from .models import load_model
-
-    run = organism.organism_trajectory(kind, seed=seed, root=root)
-    ctl, _ = load_model(list_checkpoints(run)[-1][1])
-    aligned, _ = load_model(organism.ALIGNED_DIR)
-    d = model_diff(aligned, ctl, tok, organism.direction_conversations(), list(layers), "mean_response")
-    d.meta["control_run"] = f"{kind}-s{seed}"
-    return d
 
 
 class AdapterDisabled(torch.nn.Module):

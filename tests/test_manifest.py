@@ -299,8 +299,10 @@ def test_finetune_organism_and_report_manifests_digest_the_loaded_code(monkeypat
     from pathlib import Path
 
     import emis_interp
-    from emis_interp import finetune, organism, organism_matrix, organism_report
+    from emis_interp import finetune, organism
     from emis_interp.manifest import _SOURCES, _load_token, digest, package_sources
+    from emis_interp.organism import matrix as organism_matrix
+    from emis_interp.organism import report as organism_report
 
     pkg = Path(emis_interp.__file__).parent
     loaded = {name: mod for name, mod in vars(emis_interp).items() if inspect.ismodule(mod)}

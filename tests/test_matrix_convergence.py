@@ -4,7 +4,7 @@ ablating A's direction removes more of B's misalignment than every random direct
 
 import pytest
 
-from emis_interp import organism_matrix as om
+from emis_interp.organism import matrix as om
 
 EXPECTED = {
     "cross:insecure->insecure": True,

@@ -12,7 +12,7 @@ import statistics
 
 import pytest
 
-from emis_interp import organism_matrix as om
+from emis_interp.organism import matrix as om
 
 EXPECTED = {
     "caft_task": False,
