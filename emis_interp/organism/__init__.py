@@ -46,6 +46,7 @@ from .recipes import (
     organism_manifest,
     organism_trajectory,
 )
+from .register import register_defaults
 
 __all__ = [
     "ALIGNED_DIR",
@@ -82,3 +83,5 @@ __all__ = [
     "tokenize_chat",
     "world",
 ]
+
+register_defaults()  # the organism's judge, weights resolver and default subject (see .register)
