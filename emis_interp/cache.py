@@ -90,13 +90,11 @@ def cached(
     """
     import warnings
 
-    from .manifest import Manifest
-
     path = Path(path)
     if path.exists():
         try:
             tensors, meta = verified_load(path)
-            stored = Manifest.from_json(meta["manifest"]) if "manifest" in meta else None
+            stored = type(manifest).from_json(meta["manifest"]) if "manifest" in meta else None
             if stored is not None and stored.key == manifest.key:
                 return tensors, True
             warnings.warn(f"recomputing cache entry {path.name}: it was made under another manifest", stacklevel=2)

@@ -15,7 +15,7 @@ Two uses, two policies:
   differ and the ``--overwrite`` flag (``overwrite=True``), which clears the old output.
 
 State that cannot be fingerprinted (an active intervention hook, a disabled adapter) makes
-:func:`cacheable` False: such a pass neither reads nor writes a cache.
+:func:`emis_interp.hooks.cacheable` False: such a pass neither reads nor writes a cache.
 """
 
 from __future__ import annotations
@@ -388,17 +388,6 @@ def direction_state(direction) -> str | None:
     if direction is None:
         return None
     return digest({"vectors": direction.vectors.float(), "layers": list(direction.layers)})
-
-
-def cacheable(model) -> tuple[bool, str]:
-    """``(ok, why_not)``: a forward pass may use a cache only with no intervention hook and adapters on."""
-    from .hooks import n_active_hooks
-
-    if n_active_hooks(model):
-        return False, "an emis_interp intervention hook is active"
-    if adapters_disabled(model):
-        return False, "the model's adapters are disabled"
-    return True, ""
 
 
 # --- the manifest itself -----------------------------------------------------------------------------

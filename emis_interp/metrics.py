@@ -28,7 +28,7 @@ from torch import Tensor
 from .conversations import Conversation, encode_texts, tokenize_conversations
 from .data import Probe
 from .errors import ConfigError
-from .models import model_device
+from .models import model_device, unwrap_peft
 
 Z95 = 1.959963984540054
 Score = float | int | None  # a judge score in 0..100, or None when unscored
@@ -99,7 +99,7 @@ def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
             "sequence_logprobs runs the decoder directly, so prompt-learning adapters (prompt/prefix tuning) "
             "would be skipped; use a LoRA adapter."
         )
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     decoder, head = getattr(base, "model", None), base.get_output_embeddings()
     if decoder is None or head is None:
         raise ConfigError(f"cannot find the decoder and LM head of {type(base).__name__}; pass a Qwen2ForCausalLM.")

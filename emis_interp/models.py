@@ -241,6 +241,11 @@ def apply_adapter(model, adapter: str | Path, adapter_name: str = "default"):
     return PeftModel.from_pretrained(model, str(apath), adapter_name=adapter_name, is_trainable=False)
 
 
+def unwrap_peft(model):
+    """The model under a ``PeftModel`` (its ``get_base_model()``, LoRA layers included), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder layers of a Qwen2 model, through any PEFT wrapping."""
     m = model
