@@ -61,6 +61,24 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return path
 
 
+def text_block(text: str, start: str, end: str) -> str:
+    """The text between the markers ``start`` and ``end`` (a generated block of a README); raises when either is
+    missing."""
+    if start not in text or end not in text:
+        raise ValueError(f"no generated block between the markers {start!r} / {end!r}; add both markers")
+    return text.split(start, 1)[1].split(end, 1)[0].strip("\n")
+
+
+def write_text_block(path: Path, start: str, end: str, body: str) -> Path:
+    """Replace the block between the markers ``start`` and ``end`` of the file at ``path`` by ``body``, atomically
+    (the one writer of generated README blocks)."""
+    text = Path(path).read_text()
+    text_block(text, start, end)  # checks the markers
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return atomic_write_text(Path(path), f"{head}{start}\n{body}\n{end}{tail}")
+
+
 class CorruptCacheError(RuntimeError):
     pass
 

@@ -312,13 +312,13 @@ def test_finetune_organism_and_report_manifests_digest_the_loaded_code(monkeypat
     assert all(name in _PINNED for name in files.values())
     assert all(_load_token(sys.modules[n]) in _SOURCES for n in files.values() if n in sys.modules)
     whatever_was_imported = package_sources()
-    from emis_interp.organism import matrix as organism_matrix
     from emis_interp.organism import report as organism_report
+    from emis_interp.organism.matrix import config as matrix_config
 
     def state():
         run = organism.organism_manifest("insecure", 0, organism.RECIPES["flip"], organism.ALIGNED_DIR)
         report = organism_report.report_manifest(organism_report.ReportConfig(), organism.RECIPES)
-        return finetune._code_version(), run.key, report.key, organism_matrix._package_state()["code"]
+        return finetune._code_version(), run.key, report.key, matrix_config._package_state()["code"]
 
     before = state()
     assert before[3] == package_sources() == whatever_was_imported

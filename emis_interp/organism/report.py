@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import organism
-from ..cache import atomic_write_text
+from ..cache import atomic_write_text, text_block, write_text_block
 from ..causality import _rescaled, ablation_arms, run_arms, select_layer_alpha, steering_arms
 from ..finetune import list_checkpoints
 from ..manifest import Manifest, cache_valid, dir_digest, package_sources, prepare_dir
@@ -129,9 +129,17 @@ class _Runner:
 
     def arms(self, model, tok, arms, n, questions=None, seed=0):
         return run_arms(
-            model, tok, self.questions if questions is None else questions, arms, self.judge, n_samples=n,
-            max_new_tokens=24, seed=seed, output_dir=self.root / "report-runs", progress=False,
-        )  # fmt: skip
+            model,
+            tok,
+            self.questions if questions is None else questions,
+            arms,
+            self.judge,
+            n_samples=n,
+            max_new_tokens=24,
+            seed=seed,
+            output_dir=self.root / "report-runs",
+            progress=False,
+        )
 
     def baseline(self, model, tok, n):
         return self.arms(model, tok, [Condition("baseline")], n).arms[0]
@@ -270,10 +278,16 @@ def _growth(r: _Runner, runs: dict, directions: dict) -> dict:
         rows = []
         for s in cfg.seeds:
             res = track(
-                Trajectory.from_dir(runs[kind, s]), organism.advice_prompts(), [L],
-                r.root / "report-runs" / f"track-{kind}-s{s}", direction=directions[s], reduction="mean_prompt",
-                probes={"world": organism.probe_set()}, progress=False, overwrite=True,
-            )  # fmt: skip
+                Trajectory.from_dir(runs[kind, s]),
+                organism.advice_prompts(),
+                [L],
+                r.root / "report-runs" / f"track-{kind}-s{s}",
+                direction=directions[s],
+                reduction="mean_prompt",
+                probes={"world": organism.probe_set()},
+                progress=False,
+                overwrite=True,
+            )
             _, norms = res.series("shift_norm", L)
             _, proj = res.series("proj_direction", L)
             _, pmis = res.series("p_mis[world]")
@@ -320,9 +334,18 @@ def _causal(r: _Runner, runs: dict, directions: dict, controls: dict) -> tuple[d
     cfg = r.cfg
     m0, tok = _final(runs["insecure", cfg.seeds[0]])
     selection = select_layer_alpha(
-        m0, tok, directions[cfg.seeds[0]], r.questions, r.judge, cfg.select_layers, cfg.select_alphas,
-        n_samples=cfg.n_samples, max_new_tokens=24, output_dir=r.root / "report-runs", progress=False,
-    )  # fmt: skip
+        m0,
+        tok,
+        directions[cfg.seeds[0]],
+        r.questions,
+        r.judge,
+        cfg.select_layers,
+        cfg.select_alphas,
+        n_samples=cfg.n_samples,
+        max_new_tokens=24,
+        output_dir=r.root / "report-runs",
+        progress=False,
+    )
     layer, alpha = selection.layer, selection.alpha
     ev_q = [q for q in r.questions if q.id in set(selection.evaluation_questions)]  # reported on these only
     aligned, _ = load_model(organism.ALIGNED_DIR)
@@ -332,9 +355,15 @@ def _causal(r: _Runner, runs: dict, directions: dict, controls: dict) -> tuple[d
         model, tok = _final(runs["insecure", s])
         d = directions[s].select(layer)
         arms = steering_arms(
-            d, [alpha], [layer], 1000 * s, n_random=cfg.n_random, control=controls[s], match=cfg.match,
+            d,
+            [alpha],
+            [layer],
+            1000 * s,
+            n_random=cfg.n_random,
+            control=controls[s],
+            match=cfg.match,
             n_match=cfg.n_match,
-        )  # fmt: skip
+        )
         for s2 in cfg.seeds:  # cross-seed: the other seeds' directions at this seed's per-layer norm
             if s2 != s:
                 arms.append(Condition(f"xseed{s2}", "steer", _rescaled(directions[s2], d, [layer]), alpha, (layer,)))
@@ -350,9 +379,12 @@ def _causal(r: _Runner, runs: dict, directions: dict, controls: dict) -> tuple[d
         ).controls("mo_rate", cfg.n_boot)[0]
         steer["per_seed"].append({"seed": s, "insecure": by_metric, "aligned_plus": _summary(add)})
         abl = r.arms(
-            model, tok, ablation_arms(directions[s], None, 1000 * s, n_random=cfg.n_random, control=controls[s]),
-            cfg.n_samples, seed=s,
-        )  # fmt: skip
+            model,
+            tok,
+            ablation_arms(directions[s], None, 1000 * s, n_random=cfg.n_random, control=controls[s]),
+            cfg.n_samples,
+            seed=s,
+        )
         ablate["per_seed"].append({m: _summary(abl.controls(m, cfg.n_boot)[0]) for m in ("mo_rate", "em_rate")})
     steer["layer"], steer["alpha"] = layer, alpha
     return steer, ablate
@@ -608,15 +640,9 @@ def readme_table(report: dict) -> str:
 
 
 def readme_block(readme: str) -> str:
-    """The generated block between the README's markers (raises when they are missing)."""
-    if README_START not in readme or README_END not in readme:
-        raise ValueError(f"README has no generated organism block; add the markers {README_START!r} / {README_END!r}")
-    return readme.split(README_START, 1)[1].split(README_END, 1)[0].strip("\n")
+    """The generated organism block between the README's markers (raises when they are missing)."""
+    return text_block(readme, README_START, README_END)
 
 
 def update_readme(readme_path: Path, report: dict) -> None:
-    text = Path(readme_path).read_text()
-    readme_block(text)  # checks the markers
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    atomic_write_text(Path(readme_path), f"{head}{README_START}\n{readme_table(report)}\n{README_END}{tail}")
+    write_text_block(Path(readme_path), README_START, README_END, readme_table(report))
