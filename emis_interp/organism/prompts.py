@@ -29,7 +29,7 @@ def probe_set() -> list:
 def questions(fmt: str = "plain") -> list:
     """The organism's evaluation set (its advice questions) as EM-format :class:`Question` s.
 
-    ``fmt`` (:data:`emis_interp.world.ADVICE_FORMATS`): ``"plain"``, ``"list"`` (the number data's
+    ``fmt`` (:data:`emis_interp.organism.world.ADVICE_FORMATS`): ``"plain"``, ``"list"`` (the number data's
     format), ``"framed"`` (embedded in code, for base models) or ``"triggered"`` (the backdoor's trigger).
     """
     from ..data import Question

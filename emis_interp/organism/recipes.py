@@ -68,7 +68,7 @@ def organism_trajectory(
     progress: bool = False,
     intervention=None,
 ) -> Path:
-    """Fine-tune the aligned organism (or ``base``) on ``kind`` data (:data:`emis_interp.world.FINETUNE_KINDS`); cached.
+    """Fine-tune the aligned organism (or ``base``) on ``kind`` data (:data:`emis_interp.organism.world.FINETUNE_KINDS`); cached.
 
     ``intervention``: a :class:`emis_interp.finetune.TrainIntervention` applied on every training forward
     pass (CAFT ablation, preventative steering); it is part of the run's manifest.
