@@ -164,9 +164,9 @@ class _PinnedLoader:
             _PINNED[name] = disk
         text = _PINNED[name]
         if text == disk:
-            self.inner.exec_module(module)  # the usual path (bytecode cache included)
-        else:  # edited on disk since the package was imported: run what the process pinned
-            exec(compile(text, self.inner.path, "exec", dont_inherit=True), module.__dict__)
+            self.inner.exec_module(module)  # the usual path (bytecode cache and any import hook's loader included)
+        else:  # edited on disk since the package was imported: run what the process pinned, compiled by that loader
+            exec(self.inner.source_to_code(text.encode(), self.inner.path), module.__dict__)
         _remember(module, text)
 
     def get_source(self, name):
@@ -187,7 +187,13 @@ class _PinnedFinder:
 
         if name.partition(".")[0] not in self.packages or name not in _PINNED:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        # the spec the other finders give (an import hook's, e.g. jaxtyping's under pytest, keeps its loader inside)
+        spec = None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
         if spec is not None and isinstance(spec.loader, importlib.machinery.SourceFileLoader):
             spec.loader = _PinnedLoader(spec.loader, reload=name in sys.modules)
         return spec

@@ -397,3 +397,17 @@ def test_package_modules_skip_editor_files_and_are_listed_once(tmp_path, monkeyp
         _PACKAGE_FILES.pop("ei_probe_pkg", None)
         for name in [m for m in sys.modules if m.startswith("ei_probe_pkg")]:
             sys.modules.pop(name)
+
+
+def test_modules_imported_later_keep_the_import_hooks(monkeypatch):
+    """A module imported after the package (most are, now that ``import emis_interp`` is light) goes through the other
+    import hooks too: under pytest, jaxtyping's, which type-checks the package's functions with beartype."""
+    import importlib
+    import sys
+
+    if not any(type(f).__name__ == "_JaxtypingFinder" for f in sys.meta_path):
+        pytest.skip("jaxtyping's import hook is not installed (pytest runs with --jaxtyping-packages)")
+    monkeypatch.delitem(sys.modules, "emis_interp.lens", raising=False)
+    lens = importlib.import_module("emis_interp.lens")
+    assert type(lens.__loader__).__name__ == "_PinnedLoader"
+    assert type(lens.__loader__.inner).__name__ == "_JaxtypingLoader"
