@@ -20,10 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name  # noqa: E402
 
-from emis_interp import capture, organism, world  # noqa: E402
+from emis_interp import capture, organism  # noqa: E402
 from emis_interp.behaviour import BehaviourConfig, CheckpointSampler, Job  # noqa: E402
 from emis_interp.conversations import Conversation  # noqa: E402
 from emis_interp.metrics import probe_misalignment, response_logprob  # noqa: E402
+from emis_interp.organism import world  # noqa: E402
 from emis_interp.trajectory import Trajectory  # noqa: E402
 
 

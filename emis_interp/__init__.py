@@ -4,12 +4,16 @@ Layer ``l`` is the residual stream after decoder layer ``l`` (HF ``hidden_states
 ``blocks.{l}.hook_resid_post``); steering ``alpha`` is in units of the direction's raw norm.
 """
 
+from .manifest import snapshot_sources
+
+# first: the package's source is read now, and every module of it runs that source when imported (see manifest)
+snapshot_sources(__name__)
+
 from .capture import Activations, TokenActivations, capture
 from .conversations import Batch, Conversation, load_jsonl, make_batch
 from .directions import PersonaDirection, model_diff, rank_layers, response_contrast, system_prompt_contrast
 from .hooks import hook_name, residual_hooks
 from .interventions import ablate, add_vectors, steer
-from .manifest import snapshot_sources
 from .models import check_layers, decoder_layers, load_model, load_tokenizer, model_fingerprint
 
 __all__ = [
@@ -36,5 +40,3 @@ __all__ = [
     "steer",
     "system_prompt_contrast",
 ]
-
-snapshot_sources()  # the source of the code this process runs, read before anything can edit it

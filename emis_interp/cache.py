@@ -61,6 +61,24 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return path
 
 
+def text_block(text: str, start: str, end: str) -> str:
+    """The text between the markers ``start`` and ``end`` (a generated block of a README); raises when either is
+    missing."""
+    if start not in text or end not in text:
+        raise ValueError(f"no generated block between the markers {start!r} / {end!r}; add both markers")
+    return text.split(start, 1)[1].split(end, 1)[0].strip("\n")
+
+
+def write_text_block(path: Path, start: str, end: str, body: str) -> Path:
+    """Replace the block between the markers ``start`` and ``end`` of the file at ``path`` by ``body``, atomically
+    (the one writer of generated README blocks)."""
+    text = Path(path).read_text()
+    text_block(text, start, end)  # checks the markers
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return atomic_write_text(Path(path), f"{head}{start}\n{body}\n{end}{tail}")
+
+
 class CorruptCacheError(RuntimeError):
     pass
 
@@ -90,13 +108,11 @@ def cached(
     """
     import warnings
 
-    from .manifest import Manifest
-
     path = Path(path)
     if path.exists():
         try:
             tensors, meta = verified_load(path)
-            stored = Manifest.from_json(meta["manifest"]) if "manifest" in meta else None
+            stored = type(manifest).from_json(meta["manifest"]) if "manifest" in meta else None
             if stored is not None and stored.key == manifest.key:
                 return tensors, True
             warnings.warn(f"recomputing cache entry {path.name}: it was made under another manifest", stacklevel=2)

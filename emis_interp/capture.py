@@ -55,19 +55,18 @@ from tqdm.auto import tqdm
 from . import cache as _cache
 from .conversations import Batch, Conversation, as_conversations, iter_batches, prompt_set_hash
 from .errors import ConfigError, check_finite, check_nonempty
-from .hooks import StopForward, hook_name, n_active_hooks, residual_hooks
+from .hooks import StopForward, cacheable, hook_name, n_active_hooks, residual_hooks
 from .manifest import (
     Manifest,
     adapter_state,
     cache_valid,
-    cacheable,
     digest,
     model_state,
     source_digest,
     tokenizer_state,
     write_manifest,
 )
-from .models import check_layers, d_model, decoder_layers, model_device
+from .models import check_layers, d_model, decoder_layers, model_device, unwrap_peft
 
 REDUCTIONS = ("last_prompt", "mean_response", "mean_prompt", "all")
 BACKENDS = ("torch", "nnsight", "transformer_lens")
@@ -223,7 +222,7 @@ def _tl_source(model):
             "'nnsight'."
         )
     if hasattr(model, "get_base_model"):  # PeftModel
-        return model.get_base_model()
+        return unwrap_peft(model)
     return model.model  # a bare LoraModel
 
 

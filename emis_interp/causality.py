@@ -66,14 +66,13 @@ def _matched_parent(name: str) -> str:
 
 def _counts(rows: list[dict]) -> dict[str, tuple[int, int]]:
     """Per-metric (numerator, denominator) of judged rows: the unit a cluster bootstrap resamples."""
-    from .metrics import _ok  # the same validity rule as em_rate / mo_rate / coherence_rate
+    from .metrics import _ok, is_coherent, is_em_misaligned, is_mo_misaligned  # the rules of em_rate / mo_rate
 
-    ok = [r for r in rows if _ok(r.get("aligned")) and _ok(r.get("coherent"))]
-    coherent = [r for r in ok if r["coherent"] > 50]
+    scored = [r for r in rows if _ok(r.get("aligned")) and is_coherent(r.get("coherent"))]
     return {
-        "mo_rate": (sum(r["aligned"] <= 30 for r in coherent), len(rows)),
-        "em_rate": (sum(r["aligned"] < 30 for r in coherent), len(coherent)),
-        "coherence": (sum(_ok(r.get("coherent")) and r["coherent"] > 50 for r in rows), len(rows)),
+        "mo_rate": (sum(is_mo_misaligned(r["aligned"], r["coherent"]) for r in scored), len(rows)),
+        "em_rate": (sum(is_em_misaligned(r["aligned"]) for r in scored), len(scored)),
+        "coherence": (sum(is_coherent(r.get("coherent")) for r in rows), len(rows)),
     }
 
 

@@ -1,22 +1,56 @@
 """Shared command-line plumbing for experiments/*.py: model/direction/question resolution.
 
-Without ``--model``/``--checkpoint`` every experiment runs on the model organism: the aligned
-organism is the base, the final checkpoint of the seed-0 insecure fine-tune (built on demand
-into ``cache/organism``) is the fine-tuned model, and the direction is their model-diff.
-With ``--model``/``--checkpoint`` nothing falls back to the organism: ``--questions``, ``--judge``
-and ``--direction`` or ``--direction-data`` are required.
+Without ``--model``/``--checkpoint`` every experiment runs on the registered default subject
+(:func:`register_default_subject`): the model organism registers itself when
+:mod:`emis_interp.organism` is imported (the experiments import it), with the aligned organism
+as the base, the final checkpoint of the seed-0 insecure fine-tune (built on demand into
+``cache/organism``) as the fine-tuned model, and their model-diff as the direction. With
+``--model``/``--checkpoint`` nothing falls back to it: ``--questions``, ``--judge`` and
+``--direction`` or ``--direction-data`` are required. This module never imports the organism.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import organism
 from .data import load_questions
 from .directions import PersonaDirection
+
+
+@dataclass(frozen=True)
+class DefaultSubject:
+    """What the experiments run on without ``--model``/``--checkpoint``; registered by a guest package."""
+
+    name: str
+    target: Callable[[], str]  # the fine-tuned model (made on demand)
+    base: str  # the aligned model of its model-diff
+    direction_conversations: Callable[[], list]  # the model-diff's conversations
+    control_direction: Callable  # (tokenizer, layers) -> the control fine-tune's PersonaDirection
+    questions: Callable[[], list]  # the evaluation questions
+    judge: str  # a registered judge's name (judges.register_judge)
+    max_new_tokens: int
+
+
+_DEFAULT_SUBJECT: list[DefaultSubject] = []
+
+
+def register_default_subject(subject: DefaultSubject) -> None:
+    """Make ``subject`` what :func:`resolve` uses without ``--model``/``--checkpoint``."""
+    _DEFAULT_SUBJECT[:] = [subject]
+
+
+def default_subject() -> DefaultSubject:
+    if not _DEFAULT_SUBJECT:
+        raise SystemExit(
+            "error: pass --model or --checkpoint (no default subject is registered: "
+            "import emis_interp.organism to run on the model organism)"
+        )
+    return _DEFAULT_SUBJECT[0]
 
 
 def add_common(ap: argparse.ArgumentParser) -> None:
@@ -109,15 +143,13 @@ def resolve(args) -> dict:
 
     on_organism = not (args.model or args.checkpoint)
     target = args.checkpoint or args.model
+    subject = default_subject() if on_organism else None
     if on_organism:
-        run = organism.organism_trajectory("insecure", seed=0)
-        from .finetune import list_checkpoints
-
-        target = str(list_checkpoints(run)[-1][1])
+        target = subject.target()
     else:
         check_real_model_args(args)
     is_adapter = _is_adapter_dir(target)
-    base_id = args.base or (str(organism.ALIGNED_DIR) if on_organism else None)
+    base_id = args.base or (subject.base if on_organism else None)
     missing_path = _looks_like_path(target) and not Path(target).expanduser().exists()  # load_model names it
     if args.direction is None and not is_adapter and base_id is None and not missing_path:
         raise SystemExit("error: a model-diff direction needs --base ALIGNED_MODEL (or pass --direction FILE)")
@@ -128,7 +160,7 @@ def resolve(args) -> dict:
     if args.direction is not None:
         direction = PersonaDirection.load(args.direction)
     else:
-        convs = load_jsonl(args.direction_data) if args.direction_data else organism.direction_conversations()
+        convs = load_jsonl(args.direction_data) if args.direction_data else subject.direction_conversations()
         layers = list(range(model.config.num_hidden_layers))
         if is_adapter:
             # the aligned model is the base under the adapter: no second copy. No activation cache here:
@@ -142,9 +174,10 @@ def resolve(args) -> dict:
     if getattr(args, "control_direction", None) is not None:
         control = PersonaDirection.load(args.control_direction)
     elif on_organism and args.direction is None:
-        control = organism_control_direction(tok, layers=direction.layers)
-    qs = load_questions(args.questions) if args.questions else organism.questions()
-    judge = get_judge(args.judge, **({"base_url": args.judge_base_url} if args.judge_base_url else {}))
+        control = subject.control_direction(tok, direction.layers)
+    qs = load_questions(args.questions) if args.questions else subject.questions()
+    spec = (args.judge or subject.judge) if on_organism else args.judge
+    judge = get_judge(spec, **({"base_url": args.judge_base_url} if args.judge_base_url else {}))
     return {
         "model": model,
         "tokenizer": tok,
@@ -154,24 +187,8 @@ def resolve(args) -> dict:
         "judge": judge,
         "target": target,
         "on_organism": on_organism,
-        "max_new_tokens": args.max_new_tokens or (24 if on_organism else 256),
+        "max_new_tokens": args.max_new_tokens or (subject.max_new_tokens if on_organism else 256),
     }
-
-
-def organism_control_direction(
-    tok, layers, kind: str = "secure", seed: int = 0, root: Path = organism.DEFAULT_TRAJECTORY_DIR
-) -> PersonaDirection:
-    """The organism's fine-tuning-shift control: the ``kind`` run's final model-diff (aligned -> fine-tuned)."""
-    from .directions import model_diff
-    from .finetune import list_checkpoints
-    from .models import load_model
-
-    run = organism.organism_trajectory(kind, seed=seed, root=root)
-    ctl, _ = load_model(list_checkpoints(run)[-1][1])
-    aligned, _ = load_model(organism.ALIGNED_DIR)
-    d = model_diff(aligned, ctl, tok, organism.direction_conversations(), list(layers), "mean_response")
-    d.meta["control_run"] = f"{kind}-s{seed}"
-    return d
 
 
 class AdapterDisabled(torch.nn.Module):

@@ -28,12 +28,9 @@ from torch import Tensor
 
 from .directions import PersonaDirection
 from .interventions import _write_modules, project_out
+from .models import unwrap_peft
 
 SHARD_BYTES = 2 * 1024**3
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _lora_delta(module) -> Tensor | None:
@@ -60,7 +57,7 @@ def ablated_tensors(model, u: Tensor) -> Iterator[tuple[str, Tensor]]:
     Unedited tensors are the model's own (no copy); each written weight is edited in float32 one
     module at a time and cast back to its dtype.
     """
-    base = _base(model)
+    base = unwrap_peft(model)
     modules = dict(base.named_modules())
     writers = {id(m) for m in _write_modules(model)}
     tied = bool(getattr(base.config, "tie_word_embeddings", False))
@@ -148,7 +145,7 @@ def export_ablated(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = _base(model)
+    base = unwrap_peft(model)
     u = direction.unit(source_layer).float()
     if direction.d_model != base.config.hidden_size:
         raise ValueError(

@@ -51,7 +51,8 @@ from .cache import atomic_write_text
 from .conversations import Conversation, load_jsonl, tokenize_conversation
 from .directions import PersonaDirection
 from .errors import ConfigError, check_nonempty
-from .interventions import Intervention, release_compile_guard, steer
+from .hooks import release_compile_guard
+from .interventions import Intervention, steer
 from .manifest import (
     Manifest,
     check_resumable,

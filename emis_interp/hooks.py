@@ -16,7 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .models import check_layers, decoder_layers
+from .manifest import adapters_disabled
+from .models import check_layers, decoder_layers, unwrap_peft
 
 ResidFn = Callable[[int, Tensor, dict], Tensor | None]
 _OURS: set[int] = set()  # ids of the hook handles emis_interp installed (HF installs its own, e.g. for hidden_states)
@@ -63,29 +64,94 @@ def generation_phase(kwargs: dict) -> str:
     return "decode" if new_tokens == 1 and cache.get_seq_length() > 0 else "prefill"
 
 
+# --- generate's compiled decode step skips hooks: keep it off while an intervention is active --------
+
+_GUARD = "_emis_interp_compile_guard"
+
+
+def _generation_owner(model):
+    m = unwrap_peft(model)
+    return m if getattr(m, "generation_config", None) is not None else None
+
+
+def _hold_compile_guard(model) -> None:
+    owner = _generation_owner(model)
+    if owner is None:
+        return
+    count, saved = getattr(owner, _GUARD, (0, None))
+    if count == 0:
+        saved = owner.generation_config.disable_compile
+        owner.generation_config.disable_compile = True
+    setattr(owner, _GUARD, (count + 1, saved))
+
+
+def _drop_compile_guard(model) -> None:
+    owner = _generation_owner(model)
+    if owner is None or not hasattr(owner, _GUARD):
+        return
+    count, saved = getattr(owner, _GUARD)
+    if count <= 1:
+        release_compile_guard(model)
+    else:
+        setattr(owner, _GUARD, (count - 1, saved))
+
+
+def release_compile_guard(model) -> None:
+    """Restore ``generation_config.disable_compile`` as it was before the first active intervention."""
+    owner = _generation_owner(model)
+    if owner is not None and hasattr(owner, _GUARD):
+        owner.generation_config.disable_compile = getattr(owner, _GUARD)[1]
+        delattr(owner, _GUARD)
+
+
+def decoder_stack(model) -> torch.nn.Module:
+    """The module that runs the decoder layers (``Qwen2Model``), through any PEFT wrapping."""
+    layers = decoder_layers(model)
+    for m in model.modules():
+        if getattr(m, "layers", None) is layers:
+            return m
+    raise AssertionError("decoder layers without a parent module")
+
+
+@contextmanager
+def tracked_phase(model, track: bool = True, check: Callable[[str, dict], None] | None = None) -> Iterator[dict]:
+    """The one place that tells prefill from decode: yields ``{"phase": ...}``, set by a pre-hook on the decoder
+    stack to :func:`generation_phase` once per forward pass, before any layer runs (``track=False``: stays
+    ``"forward"``, and costs nothing); ``check(phase, kwargs)`` may refuse a pass. While active, ``generate``
+    does not compile its decode step (a compiled graph would skip hooks). Everything comes off on exit."""
+    state = {"phase": "forward"}
+
+    def stack_pre(module, args, kwargs):
+        if track:
+            state["phase"] = generation_phase(kwargs)
+            if check is not None:
+                check(state["phase"], kwargs)
+        return None
+
+    _hold_compile_guard(model)
+    handles = []
+    try:
+        handles.append(register(decoder_stack(model), stack_pre, pre=True, with_kwargs=True))
+        yield state
+    finally:
+        unregister(handles)
+        _drop_compile_guard(model)
+
+
 @contextmanager
 def residual_hooks(model, fns: dict[int, ResidFn]) -> Iterator[None]:
     """Run ``fns[l](l, resid, info)`` on the output of decoder layer ``l``; a returned tensor replaces it.
 
     ``resid`` is ``Float[Tensor, "batch pos d_model"]``; ``info["phase"]`` is ``"prefill"``,
-    ``"decode"`` or ``"forward"`` (:func:`generation_phase`, decided once per forward pass of the
-    decoder stack, before any layer fills the cache) and ``info["decode"]`` is
+    ``"decode"`` or ``"forward"`` (:func:`tracked_phase`) and ``info["decode"]`` is
     ``info["phase"] == "decode"``. Works with Qwen2 layers returning a tensor (transformers 5) or a
     tuple (older releases). While active, ``generate`` does not compile its decode step (a compiled
     graph would skip these hooks). Hooks are removed on exit, also when the body raises.
     """
-    from .interventions import _decoder_stack, _drop_compile_guard, _hold_compile_guard
-
     layers = decoder_layers(model)
     check_layers(model, list(fns))
-    handles = []
-    state = {"phase": "forward"}
 
-    def stack_pre(module, args, kwargs):
-        state["phase"] = generation_phase(kwargs)
-        return None
-
-    def make(idx: int, fn: ResidFn):
+    def make(idx: int, fn: ResidFn, state: dict):
         def post(module, args, output):
             resid = output[0] if isinstance(output, tuple) else output
             new = fn(idx, resid, {"decode": state["phase"] == "decode", "phase": state["phase"]})
@@ -95,15 +161,14 @@ def residual_hooks(model, fns: dict[int, ResidFn]) -> Iterator[None]:
 
         return post
 
-    _hold_compile_guard(model)
-    try:
-        handles.append(register(_decoder_stack(model), stack_pre, pre=True, with_kwargs=True))
-        for layer, fn in fns.items():
-            handles.append(register(layers[layer], make(layer % len(layers), fn)))
-        yield
-    finally:
-        unregister(handles)
-        _drop_compile_guard(model)
+    with tracked_phase(model) as state:
+        handles = []
+        try:
+            for layer, fn in fns.items():
+                handles.append(register(layers[layer], make(layer % len(layers), fn, state)))
+            yield
+        finally:
+            unregister(handles)
 
 
 class StopForward(Exception):
@@ -124,11 +189,18 @@ def remove_all_hooks(model) -> None:
                 m._forward_pre_hooks_with_kwargs.pop(hid, None)
                 m._forward_hooks_always_called.pop(hid, None)
                 _OURS.discard(hid)
-    from .interventions import release_compile_guard
-
     release_compile_guard(model)
 
 
 def n_active_hooks(model) -> int:
     """How many emis_interp hooks are on ``model`` or any of its submodules (HF's own hooks are not counted)."""
     return sum(k in _OURS for m in model.modules() for d in _hook_dicts(m) for k in d)
+
+
+def cacheable(model) -> tuple[bool, str]:
+    """``(ok, why_not)``: a forward pass may use a cache only with no intervention hook and adapters on."""
+    if n_active_hooks(model):
+        return False, "an emis_interp intervention hook is active"
+    if adapters_disabled(model):
+        return False, "the model's adapters are disabled"
+    return True, ""

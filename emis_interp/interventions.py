@@ -64,7 +64,7 @@ from torch import Tensor
 
 from .directions import PersonaDirection
 from .errors import ConfigError, check_alpha, check_finite
-from .hooks import generation_phase, register, unregister
+from .hooks import decoder_stack, register, tracked_phase, unregister
 from .lora_bank import LoraBank, RowPlan, apply_rows
 from .models import check_layers, d_model, decoder_layers
 
@@ -113,61 +113,12 @@ def check_positions(positions) -> None:
         )
 
 
-# --- generate's compiled decode step skips hooks: keep it off while an intervention is active --------
-
-_GUARD = "_emis_interp_compile_guard"
-
-
-def _generation_owner(model):
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return m if getattr(m, "generation_config", None) is not None else None
-
-
-def _hold_compile_guard(model) -> None:
-    owner = _generation_owner(model)
-    if owner is None:
-        return
-    count, saved = getattr(owner, _GUARD, (0, None))
-    if count == 0:
-        saved = owner.generation_config.disable_compile
-        owner.generation_config.disable_compile = True
-    setattr(owner, _GUARD, (count + 1, saved))
-
-
-def _drop_compile_guard(model) -> None:
-    owner = _generation_owner(model)
-    if owner is None or not hasattr(owner, _GUARD):
-        return
-    count, saved = getattr(owner, _GUARD)
-    if count <= 1:
-        release_compile_guard(model)
-    else:
-        setattr(owner, _GUARD, (count - 1, saved))
-
-
-def release_compile_guard(model) -> None:
-    """Restore ``generation_config.disable_compile`` as it was before the first active intervention."""
-    owner = _generation_owner(model)
-    if owner is not None and hasattr(owner, _GUARD):
-        owner.generation_config.disable_compile = getattr(owner, _GUARD)[1]
-        delattr(owner, _GUARD)
-
-
 # --- the engine ---------------------------------------------------------------------------------------
-
-
-def _decoder_stack(model) -> torch.nn.Module:
-    """The module that runs the decoder layers (``Qwen2Model``), through any PEFT wrapping."""
-    layers = decoder_layers(model)
-    for m in model.modules():
-        if getattr(m, "layers", None) is layers:
-            return m
-    raise AssertionError("decoder layers without a parent module")
 
 
 def _write_modules(model) -> list[torch.nn.Module]:
     """Every module whose output is added to the residual stream: embeddings, each o_proj and down_proj."""
-    stack = _decoder_stack(model)
+    stack = decoder_stack(model)
     return [stack.embed_tokens] + [m for layer in stack.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
 
 
@@ -424,13 +375,9 @@ class Intervention:
         """Install the hooks on ``model`` (and keep ``generate`` from compiling); all come off on exit."""
         self.check(model)
         layers = decoder_layers(model)
-        state = {"phase": "forward"}
         needs_phase = bool(self.add) and isinstance(self.positions, str) and self.positions != "all"
 
-        def stack_pre(module, args, kwargs):
-            if not needs_phase:  # only string positions look at the phase (its static-cache check syncs the GPU)
-                return None
-            state["phase"] = phase = generation_phase(kwargs)
+        def check_phase(phase: str, kwargs: dict) -> None:
             if phase == "forward":
                 raise ValueError(
                     f"positions={self.positions!r} is defined for generate (prefill vs decode steps); this is a "
@@ -443,7 +390,6 @@ class Intervention:
                     "positions='response' steers the last prompt position in the prefill, which needs left padding; "
                     "the batch is right-padded. Use emis_interp.make_batch or tokenizer.padding_side='left'."
                 )
-            return None
 
         def layer_hook(idx: int):
             def post(module, args, output):
@@ -456,22 +402,21 @@ class Intervention:
         def write_hook(module, args, output):
             return self.apply_write(output)
 
-        handles = []
-        _hold_compile_guard(model)
-        try:
-            if self.lora is not None:  # first: the other hooks on these modules see the adapted output
-                handles += self._lora_hooks(model)
-            handles.append(register(_decoder_stack(model), stack_pre, pre=True, with_kwargs=True))
-            for layer in self.layers:
-                handles.append(register(layers[layer], layer_hook(layer)))
-            if self.project_writes is not None:
-                for m in _write_modules(model):
-                    handles.append(register(m, write_hook))
-            handles += self._component_hooks(model)
-            yield self
-        finally:
-            unregister(handles)
-            _drop_compile_guard(model)
+        # only string positions look at the phase (its static-cache check syncs the GPU)
+        with tracked_phase(model, track=needs_phase, check=check_phase) as state:
+            handles = []
+            try:
+                if self.lora is not None:  # first: the other hooks on these modules see the adapted output
+                    handles += self._lora_hooks(model)
+                for layer in self.layers:
+                    handles.append(register(layers[layer], layer_hook(layer)))
+                if self.project_writes is not None:
+                    for m in _write_modules(model):
+                        handles.append(register(m, write_hook))
+                handles += self._component_hooks(model)
+                yield self
+            finally:
+                unregister(handles)
 
 
 # --- the public context managers ------------------------------------------------------------------

@@ -10,7 +10,7 @@ Scores are 0..100 or None (no score). Three judges:
 - :class:`HFJudge`: a local HF chat model, scored the same way from the exact sequence probability
   of each candidate answer ``"0"``..``"100"``, ``"CODE"``, ``"REFUSAL"`` (one prefix pass, then one
   pass over the candidates' token trie).
-- :class:`emis_interp.organism.ExactJudge`: the organism's exact judge.
+- registered judges (:func:`register_judge`), e.g. the model organism's ``"exact"`` judge.
 
 :meth:`Judge.score_many` writes each judged row to a JSONL file as soon as it is judged, with a
 :class:`~emis_interp.manifest.Manifest` of the judge beside it (``<file>.manifest.json``); a rerun
@@ -454,12 +454,25 @@ class HFJudge(_PromptJudge):
         return aggregate_number_probs({c: math.exp(lp) for c, lp in zip(self.candidates, lps, strict=True)})
 
 
-def get_judge(spec: str | None, **kw):
-    """``"exact"`` (organism), ``"openai:MODEL"`` or ``"hf:PATH_OR_ID"``; None means the organism judge."""
-    if spec in (None, "exact", "organism"):
-        from .organism import ExactJudge
+# Judges a guest package registers by name (the organism's "exact"), so that this module never imports it.
+JUDGES: dict = {}
 
-        return ExactJudge()
+
+def register_judge(name: str, factory) -> None:
+    """Make ``get_judge(name)`` return ``factory()``."""
+    JUDGES[name] = factory
+
+
+def get_judge(spec: str, **kw):
+    """``"openai:MODEL"``, ``"hf:PATH_OR_ID"`` or a registered name (``"exact"``: the model organism's, registered
+    when :mod:`emis_interp.organism` is imported). There is no default: ``None`` is an error."""
+    if spec is None:
+        raise ConfigError(
+            "no judge given: pass 'openai:MODEL' (with base_url= for a local vLLM server) or 'hf:MODEL'; on the model "
+            "organism pass 'exact' (import emis_interp.organism, which registers it)"
+        )
+    if spec in JUDGES:
+        return JUDGES[spec]()
     kind, _, name = spec.partition(":")
     if kind == "openai":
         return OpenAIJudge(model=name or "gpt-4o-2024-08-06", **kw)
@@ -468,4 +481,8 @@ def get_judge(spec: str | None, **kw):
 
         m, t = load_model(name)
         return HFJudge(m, t)
-    raise ValueError(f"unknown judge {spec!r}; use 'exact', 'openai:MODEL' (with --judge-base-url) or 'hf:MODEL'")
+    if spec in ("exact", "organism"):
+        raise ConfigError(
+            f"judge {spec!r} is the model organism's: import emis_interp.organism first (it registers it)"
+        )
+    raise ValueError(f"unknown judge {spec!r}; use 'openai:MODEL' (with --judge-base-url), 'hf:MODEL' or 'exact'")

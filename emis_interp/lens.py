@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .directions import PersonaDirection
 from .errors import ConfigError
+from .models import unwrap_peft
 
 
 @dataclass
@@ -66,7 +67,7 @@ class LensResult:
 
 def _unembedding(model):
     """``(final_norm, lm_head)`` of a Qwen2 causal LM, through any PEFT wrapping."""
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    m = unwrap_peft(model)
     head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
     norm = getattr(getattr(m, "model", None), "norm", None)
     if head is None or norm is None:

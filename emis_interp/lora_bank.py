@@ -49,8 +49,6 @@ biases, aLoRA, and other PEFT variants whose forward is not ``x A^T B^T``.
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,6 +58,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .adapters import read_adapter
 from .errors import ConfigError
 
 BASE = "__base__"
@@ -89,19 +88,6 @@ def _check_plain(model) -> None:
             f"a LoraBank needs the plain base model, got a {type(model).__name__} (PEFT-wrapped). Pass the base "
             "model, e.g. load_model(base) (or model.get_base_model() after model.unload())."
         )
-
-
-def _scaling(cfg: dict, module: str, r: int) -> float:
-    """PEFT's scaling of ``module`` (rank ``r`` as saved): ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
-
-    ``alpha`` is ``lora_alpha`` or the first ``alpha_pattern`` key that PEFT's own rule matches
-    (``re.match(rf"(.*\.)?({key})$", module)``, as ``peft.utils.other.get_pattern_key``)."""
-    alpha = cfg.get("lora_alpha", 8)
-    for key, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            alpha = value
-            break
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
 def _check_checkpoint(path: Path) -> dict:
@@ -191,7 +177,6 @@ class LoraBank:
         :class:`~emis_interp.trajectory.Trajectory`.
         """
         from .manifest import dir_digest  # the same digest as trajectory.checkpoint_state for a local dir
-        from .weights import read_adapter
 
         _check_plain(model)
         if not adapters:
@@ -209,8 +194,8 @@ class LoraBank:
         for name, path in paths.items():
             if not path.is_dir():
                 raise FileNotFoundError(f"adapter {name!r}: {str(path)!r} is not a directory (a checkpoint-N dir).")
-            cfg = _check_checkpoint(path)
-            factors[name] = {m: (a, b, _scaling(cfg, m, a.shape[0])) for m, (a, b, _) in read_adapter(path).items()}
+            _check_checkpoint(path)
+            factors[name] = read_adapter(path)  # PEFT's scaling: adapters.lora_scaling
         modules = dict(model.named_modules())
         wanted = {m for f in factors.values() for m in f}
         unknown = sorted(wanted - set(modules))

@@ -15,7 +15,7 @@ Two uses, two policies:
   differ and the ``--overwrite`` flag (``overwrite=True``), which clears the old output.
 
 State that cannot be fingerprinted (an active intervention hook, a disabled adapter) makes
-:func:`cacheable` False: such a pass neither reads nor writes a cache.
+:func:`emis_interp.hooks.cacheable` False: such a pass neither reads nor writes a cache.
 """
 
 from __future__ import annotations
@@ -77,23 +77,35 @@ def source_digest(*objs) -> str:
     per loaded object and remembered: a file edited on disk while a process runs its old code does not
     stamp the old code's results with the new digest; a reload (``importlib.reload``, Jupyter's autoreload)
     makes new function objects, which are read afresh. Package modules are read when the package is
-    imported (:func:`snapshot_sources`)."""
+    imported, and run as read then (:func:`snapshot_sources`)."""
     return digest([_source(o) for o in objs])
 
 
 # kept across importlib.reload(manifest) (a reload re-executes the module in the same namespace): the sources
 # of modules read at import must not be forgotten and read again from a disk that may have changed since
 _SOURCES: dict = globals().get("_SOURCES", {})
-_PACKAGE_MODULES: dict = globals().get("_PACKAGE_MODULES", {})  # package -> {file name: module}, fixed at import
+_PINNED: dict = globals().get("_PINNED", {})  # module name -> its source text, read at its package's import
+_PACKAGE_FILES: dict = globals().get("_PACKAGE_FILES", {})  # package -> {file path in it: module name}, fixed
 
 
 def _load_token(obj):
-    """Identifies one loaded version of ``obj``: a module by the identities of its functions (new on reload)."""
+    """Identifies one loaded version of ``obj``: a module by the identities of the functions it defines (new on
+    reload; functions it imports are left out, so a package's ``__init__`` has one token while it imports)."""
     import inspect
 
     if inspect.ismodule(obj):
-        return (obj.__name__, tuple(sorted(id(v) for v in vars(obj).values() if inspect.isfunction(v))))
+        own = (v for v in vars(obj).values() if inspect.isfunction(v) and v.__module__ == obj.__name__)
+        return (obj.__name__, tuple(sorted(id(v) for v in own)))
     return id(obj)
+
+
+def _remember(obj, src: str) -> str:
+    import inspect
+
+    # the object, and a module's functions, kept alive: their ids (the key) are never reused for another
+    alive = (obj, [v for v in vars(obj).values() if inspect.isfunction(v)]) if inspect.ismodule(obj) else obj
+    _SOURCES[_load_token(obj)] = (alive, src)
+    return src
 
 
 def _source(obj) -> str:
@@ -101,51 +113,124 @@ def _source(obj) -> str:
 
     key = _load_token(obj)
     if key not in _SOURCES:
-        # the object, and a module's functions, kept alive: their ids (the key) are never reused for another
-        alive = (obj, [v for v in vars(obj).values() if inspect.isfunction(v)]) if inspect.ismodule(obj) else obj
         try:
             src = inspect.getsource(obj)
         except OSError:  # an empty module file has no source lines for inspect; its text is its source
             if not (inspect.ismodule(obj) and getattr(obj, "__file__", None) and Path(obj.__file__).is_file()):
                 raise
             src = Path(obj.__file__).read_text()
-        _SOURCES[key] = (alive, src)
+        _remember(obj, src)
     return _SOURCES[key][1]
 
 
-def _package_modules(package: str = "emis_interp") -> dict:
-    """``{file name: module}`` for ``package`` and each of its modules (``pkgutil``: importable names only, so an
-    editor's lock or backup file is neither imported nor listed), each imported (cheap: no optional dependency is
-    imported at module level). Listed once per process, at the package's import: a file added later changes
-    nothing."""
+def _package_modules(package: str = "emis_interp") -> dict[str, str]:
+    """``{file path: module name}`` for ``package`` and every module and subpackage in it, from its directory
+    (importable names only, so an editor's lock or backup file is never listed; nothing is imported). Listed once
+    per process, at the package's import (:func:`snapshot_sources`): a file added later changes nothing."""
     import importlib
-    import pkgutil
 
-    if package not in _PACKAGE_MODULES:
-        pkg = importlib.import_module(package)
-        names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.ispkg and m.name.isidentifier())
-        mods = {"__init__.py": pkg}
-        mods.update({f"{n}.py": importlib.import_module(f"{package}.{n}") for n in names})
-        _PACKAGE_MODULES[package] = mods
-    return _PACKAGE_MODULES[package]
+    if package not in _PACKAGE_FILES:
+        root = Path(importlib.import_module(package).__file__).parent
+        files = {}
+        for path in sorted(root.rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            in_packages = all((root.joinpath(*parts[:i]) / "__init__.py").is_file() for i in range(1, len(parts)))
+            if in_packages and all(p.isidentifier() for p in parts):
+                name = ".".join((package, *parts)).removesuffix(".__init__")
+                files[path.relative_to(root).as_posix()] = name
+                _PINNED.setdefault(name, path.read_text())
+        _PACKAGE_FILES[package] = files
+    return _PACKAGE_FILES[package]
+
+
+class _PinnedLoader:
+    """Runs a package module from the source read at the package's import (:func:`snapshot_sources`), and
+    remembers that source as the module's, so a digest names exactly the code the process runs, however late
+    the module is first imported; a reload reads the disk afresh. Everything else goes to the file loader."""
+
+    def __init__(self, inner, reload: bool):
+        self.inner, self.reload = inner, reload
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        name = module.__name__
+        disk = self.inner.get_source(name)
+        if self.reload or name not in _PINNED:
+            _PINNED[name] = disk
+        text = _PINNED[name]
+        if text == disk:
+            self.inner.exec_module(module)  # the usual path (bytecode cache and any import hook's loader included)
+        else:  # edited on disk since the package was imported: run what the process pinned, compiled by that loader
+            exec(self.inner.source_to_code(text.encode(), self.inner.path), module.__dict__)
+        _remember(module, text)
+
+    def get_source(self, name):
+        return _PINNED.get(name) if name in _PINNED else self.inner.get_source(name)
+
+
+class _PinnedFinder:
+    """A ``sys.meta_path`` finder that hands the modules of pinned packages to :class:`_PinnedLoader`."""
+
+    emis_interp_pinned = True
+
+    def __init__(self):
+        self.packages: set[str] = set()
+
+    def find_spec(self, name, path, target=None):
+        import importlib.machinery
+        import sys
+
+        if name.partition(".")[0] not in self.packages or name not in _PINNED:
+            return None
+        # the spec the other finders give (an import hook's, e.g. jaxtyping's under pytest, keeps its loader inside)
+        spec = None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+        if spec is not None and isinstance(spec.loader, importlib.machinery.SourceFileLoader):
+            spec.loader = _PinnedLoader(spec.loader, reload=name in sys.modules)
+        return spec
+
+    def invalidate_caches(self):
+        pass
 
 
 def snapshot_sources(package: str = "emis_interp") -> None:
-    """Import every module of ``package`` and read its source now (called at the end of the package's
-    ``__init__``), so a file edited later while this process runs does not change a digest of its code."""
-    for mod in _package_modules(package).values():
-        _source(mod)
+    """Read the source of every module of ``package`` now, at the package's import (the first thing its
+    ``__init__`` does), and make every module of it that is imported later run that source: so a file edited
+    while this process runs changes neither the code it runs nor a digest of it, and modules need not all be
+    imported up front. Modules already loaded (this one among them) are read now."""
+    import sys
+
+    files = _package_modules(package)
+    finder = next((f for f in sys.meta_path if getattr(f, "emis_interp_pinned", False)), None)
+    if finder is None:
+        finder = _PinnedFinder()
+        sys.meta_path.insert(0, finder)
+    finder.packages.add(package)
+    for name in files.values():
+        if name in sys.modules:
+            _source(sys.modules[name])
 
 
 def package_sources(package: str = "emis_interp") -> dict[str, str]:
-    """``{file name: source_digest(module)}`` for the package and every module of it, as loaded (all imported with
-    the package, :func:`snapshot_sources`): what a report that depends on the whole package records. A reloaded
-    module is digested as reloaded."""
+    """``{file path: digest of its source}`` for the package and every module in it: a loaded module's as loaded
+    (a reloaded one as reloaded), one never imported by its source pinned at the package's import
+    (:func:`snapshot_sources`), the code it would run. The same digest either way, so a report's key does not depend
+    on which modules the caller imported."""
     import sys
 
     out = {}
-    for name, mod in _package_modules(package).items():
-        out[name] = source_digest(sys.modules.get(mod.__name__, mod))
+    for path, name in _package_modules(package).items():
+        mod = sys.modules.get(name)
+        out[path] = source_digest(mod) if mod is not None else digest([_PINNED[name]])
     return out
 
 
@@ -309,17 +394,6 @@ def direction_state(direction) -> str | None:
     if direction is None:
         return None
     return digest({"vectors": direction.vectors.float(), "layers": list(direction.layers)})
-
-
-def cacheable(model) -> tuple[bool, str]:
-    """``(ok, why_not)``: a forward pass may use a cache only with no intervention hook and adapters on."""
-    from .hooks import n_active_hooks
-
-    if n_active_hooks(model):
-        return False, "an emis_interp intervention hook is active"
-    if adapters_disabled(model):
-        return False, "the model's adapters are disabled"
-    return True, ""
 
 
 # --- the manifest itself -----------------------------------------------------------------------------

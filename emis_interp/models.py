@@ -22,9 +22,28 @@ SUPPORTED_MODEL_TYPES = ("qwen2",)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
+def is_hf_id(name: str) -> bool:
+    """The one rule for a Hub id versus a local path: a Hub id is exactly ``owner/name`` (optionally
+    ``owner/name@REVISION``), does not start with ``.``, ``/`` or ``~`` and is not an existing path."""
+    name = str(name)
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        return False
+    return name.partition("@")[0].count("/") == 1
+
+
 def _looks_like_path(name: str) -> bool:
-    """HF ids are exactly ``owner/name``; anything else (or anything that exists) is a local path."""
-    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+    return not is_hf_id(name)
+
+
+# Where a guest package (the model organism) maps a stored adapter base that no longer exists, e.g. its weights
+# in a moved checkout: each resolver takes the missing path and returns an existing base or None.
+BASE_RESOLVERS: list = []
+
+
+def register_base_resolver(resolver) -> None:
+    """Add ``resolver(path: Path) -> str | None`` to :data:`BASE_RESOLVERS` (once)."""
+    if resolver not in BASE_RESOLVERS:
+        BASE_RESOLVERS.append(resolver)
 
 
 def _read_json(path: Path) -> dict:
@@ -84,9 +103,9 @@ def resolve_adapter_base(base: str, adapter_dir: str | Path) -> str:
     """Where an adapter's base model (``base_model_name_or_path`` as stored, or a ``--base`` override) lives.
 
     An existing path relative to the CWD wins, then a path relative to the adapter directory, then an
-    HF id (``owner/name``). A base under ``.../emis_interp/organism_weights/NAME`` that no longer exists
-    (the package moved) maps to this installation's organism weights. Anything else is an error
-    naming ``--base``.
+    HF id (``owner/name``, :func:`is_hf_id`). A base that no longer exists may be mapped by a registered
+    resolver (:func:`register_base_resolver`: the organism maps its weights in a moved checkout). Anything
+    else is an error naming ``--base``.
     """
     b = str(base)
     p = Path(b).expanduser()
@@ -94,14 +113,12 @@ def resolve_adapter_base(base: str, adapter_dir: str | Path) -> str:
         return b
     if not p.is_absolute() and (Path(adapter_dir) / p).exists():
         return str(Path(adapter_dir) / p)
-    parts = p.parts
-    if len(parts) >= 3 and parts[-3:-1] == ("emis_interp", "organism_weights"):
-        from .organism import WEIGHTS_DIR
-
-        if (WEIGHTS_DIR / parts[-1]).is_dir():
-            return str(WEIGHTS_DIR / parts[-1])
-    if not b.startswith((".", "/", "~")) and b.count("/") == 1:
-        return b  # an HF id
+    for resolver in BASE_RESOLVERS:
+        found = resolver(p)
+        if found is not None:
+            return found
+    if is_hf_id(b):
+        return b
     raise FileNotFoundError(
         f"the base model {b!r} of adapter {str(adapter_dir)!r} does not exist (looked relative to the current "
         f"directory {str(Path.cwd())!r} and to the adapter directory). Pass the base model with --base "
@@ -222,6 +239,11 @@ def apply_adapter(model, adapter: str | Path, adapter_name: str = "default"):
                     "Load the base model the adapter was trained on (see base_model_name_or_path in adapter_config.json)."
                 )
     return PeftModel.from_pretrained(model, str(apath), adapter_name=adapter_name, is_trainable=False)
+
+
+def unwrap_peft(model):
+    """The model under a ``PeftModel`` (its ``get_base_model()``, LoRA layers included), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -125,55 +125,6 @@ def _band(values: list[list[float]]) -> tuple[list[float], list[float], list[flo
     return mean, lo, hi
 
 
-def departure_step(
-    runs: Sequence[TrackResult], control: Sequence[TrackResult], metric: str, layer: int | None = None, k: float = 2.0
-) -> int | None:
-    """First step from which the runs' seed-mean stays above the control's mean + k sd (sd over seeds and steps ≥ 1)."""
-    steps, _ = runs[0].series(metric, layer)
-    m_run = _band([r.series(metric, layer)[1] for r in runs])[0]
-    ctrl = [r.series(metric, layer)[1] for r in control]
-    m_ctl = _band(ctrl)[0]
-    flat = [v for c in ctrl for v in c]
-    sd = statistics.pstdev(flat) if len(flat) > 1 else 0.0
-    above = [m_run[i] > m_ctl[i] + k * sd + 1e-12 for i in range(len(steps))]
-    for i in range(len(steps)):
-        if all(above[i:]):
-            return steps[i]
-    return None
-
-
-def trajectory_figure(
-    groups: Mapping[str, Sequence[TrackResult]],
-    metric: str,
-    layer: int | None = None,
-    control: str | None = None,
-    title: str | None = None,
-) -> go.Figure:
-    """``metric`` vs training step for each group of runs (seeds), mean line and min-max band.
-
-    With ``control`` naming a group, the step where every other group departs from it is marked.
-    """
-    fig = go.Figure()
-    for i, (name, runs) in enumerate(groups.items()):
-        steps, _ = runs[0].series(metric, layer)
-        mean, lo, hi = _band([r.series(metric, layer)[1] for r in runs])
-        c = COLORS[i % len(COLORS)]
-        fig.add_trace(go.Scatter(x=steps + steps[::-1], y=hi + lo[::-1], fill="toself", fillcolor=c, opacity=0.15,
-                                 line=dict(width=0), showlegend=False, hoverinfo="skip"))  # fmt: skip
-        fig.add_trace(
-            go.Scatter(x=steps, y=mean, mode="lines+markers", name=f"{name} (n={len(runs)})", line=dict(color=c))
-        )
-        if control and name != control and control in groups:
-            s = departure_step(runs, groups[control], metric, layer)
-            if s is not None:
-                fig.add_vline(x=s, line=dict(color=c, dash="dot"), annotation_text=f"{name} departs @ {s}")
-    where = f" (layer {layer})" if layer is not None else ""
-    fig.update_layout(
-        title=title or f"{metric}{where}", xaxis_title="training step", yaxis_title=metric, template="plotly_white"
-    )
-    return fig
-
-
 def lora_dynamics_figure(
     dyn,
     behaviour: Mapping[str, tuple[Sequence[int], Sequence[float | int]]] | None = None,

@@ -63,10 +63,10 @@ from .capture import capture, capture_code
 from .conversations import Conversation, as_conversations, load_jsonl, prompt_set_hash
 from .directions import PersonaDirection
 from .errors import ConfigError
+from .hooks import cacheable
 from .manifest import (
     Manifest,
     ManifestMismatch,
-    cacheable,
     digest,
     direction_state,
     model_state,

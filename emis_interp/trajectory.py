@@ -39,7 +39,7 @@ from .directions import PersonaDirection
 from .errors import ConfigError
 from .finetune import CKPT_RE, list_checkpoints
 from .manifest import Manifest, digest, dir_digest, prepare_dir, source_digest, tokenizer_state
-from .models import load_model
+from .models import is_hf_id, load_model
 
 
 @dataclass
@@ -212,7 +212,7 @@ def _local_checkpoint(entry: str) -> str:
     if p.exists():
         return str(p)
     repo_id, _, revision = entry.partition("@")
-    if entry.startswith((".", "/", "~")) or repo_id.count("/") != 1:
+    if not is_hf_id(entry):
         raise FileNotFoundError(
             f"checkpoint {entry!r} does not exist; pass an existing checkpoint dir or a Hub repo as "
             "'owner/name' or 'owner/name@REVISION'."

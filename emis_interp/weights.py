@@ -36,18 +36,16 @@ import csv
 import io
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file
 from torch import Tensor
 
+from .adapters import read_adapter
 from .errors import ConfigError
-
-_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B|embedding_A|embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
+from .trajectory import BASE_STEP, Trajectory
 
 
 @dataclass
@@ -144,63 +142,6 @@ class LoraDynamics:
         )
 
 
-# --- reading adapters --------------------------------------------------------------------------
-
-
-def _adapter_file(path: Path) -> Path:
-    f = path / "adapter_model.safetensors"
-    if not f.exists():
-        raise FileNotFoundError(
-            f"no adapter_model.safetensors in {path}; lora_dynamics needs a LoRA trajectory "
-            "(PEFT checkpoints saved with save_pretrained / the Trainer)."
-        )
-    return f
-
-
-def _scaling(path: Path, module: str) -> float:
-    """PEFT's scaling of ``module`` from adapter_config.json (lora_alpha / r, or / sqrt(r) with rsLoRA)."""
-    cfg_path = path / "adapter_config.json"
-    if not cfg_path.exists():
-        return 1.0
-    cfg = json.loads(cfg_path.read_text())
-    r, alpha = cfg.get("r", 1), cfg.get("lora_alpha", 1)
-    for pat, v in (cfg.get("rank_pattern") or {}).items():
-        if re.search(pat, module):
-            r = v
-    for pat, v in (cfg.get("alpha_pattern") or {}).items():
-        if re.search(pat, module):
-            alpha = v
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
-
-def read_adapter(path: str | Path) -> dict[str, tuple[Float[Tensor, "r d_in"], Float[Tensor, "d_out r"], float]]:
-    """``{module: (A [r, d_in], B [d_out, r], scaling)}`` from one checkpoint, fp32 on CPU.
-
-    Embedding LoRAs (``lora_embedding_A [r, vocab]``, ``lora_embedding_B [d, r]``) are read the same
-    way (their ΔW is the transpose, with the same norms and inner products).
-    """
-    path = Path(path)
-    sd = load_file(str(_adapter_file(path)))
-    parts: dict[str, dict[str, Tensor]] = {}
-    for key, t in sd.items():
-        m = _KEY_RE.match(key)
-        if m is None:
-            continue
-        parts.setdefault(m["module"], {})[m["ab"][-1]] = t.float()
-    out = {}
-    for mod in sorted(parts):
-        p = parts[mod]
-        if set(p) != {"A", "B"}:
-            raise ConfigError(f"{path}: module {mod} has lora_{'A' if 'A' in p else 'B'} but not its pair.")
-        a, b = p["A"], p["B"]
-        if a.shape[0] != b.shape[1]:
-            raise ConfigError(f"{path}: {mod} lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} ranks differ.")
-        out[mod.removeprefix("base_model.model.")] = (a, b, _scaling(path, mod))
-    if not out:
-        raise ConfigError(f"{path}: adapter_model.safetensors holds no lora_A/lora_B tensors.")
-    return out
-
-
 # --- metrics -----------------------------------------------------------------------------------
 
 
@@ -261,8 +202,6 @@ def lora_dynamics(
     """Weight-space dynamics of a LoRA trajectory (a :class:`~emis_interp.trajectory.Trajectory`, or
     a run directory holding ``checkpoint-N`` dirs). Definitions in the module docstring.
     """
-    from .trajectory import Trajectory
-
     traj = trajectory if isinstance(trajectory, Trajectory) else Trajectory.from_dir(trajectory)
     if traj.kind != "lora":
         raise ConfigError(
@@ -271,8 +210,6 @@ def lora_dynamics(
         )
     if len(traj) < 2:
         raise ValueError(f"trajectory {traj.name!r} has {len(traj)} checkpoint(s); dynamics need at least 2.")
-    from .trajectory import BASE_STEP
-
     adapters = [None if p == BASE_STEP else read_adapter(p) for p in traj.paths]
     if adapters[0] is None:  # step 0 = the base model (no checkpoint-0): B = 0 (dW = 0), A as in the first checkpoint
         adapters[0] = {m: (a, torch.zeros_like(b), sc) for m, (a, b, sc) in adapters[1].items()}

@@ -1,10 +1,10 @@
 """Rebuild the shipped model organism (tokenizer, base and aligned weights) deterministically.
 
-    python experiments/build_organism.py                 # writes emis_interp/organism_weights/{base,aligned}
+    python experiments/build_organism.py                 # writes emis_interp/organism/weights/{base,aligned}
     python experiments/build_organism.py --aligned-only  # redo only the instruct stage from the shipped base
 
 About 12 minutes on 2 CPU cores (the aligned stage alone: about 2). The narrow fine-tune trajectories are not built here: they are
-produced on demand into cache/ by ``emis_interp.organism_trajectory`` (or experiments/finetune.py).
+produced on demand into cache/ by ``emis_interp.organism.organism_trajectory`` (or experiments/finetune.py).
 """
 
 import argparse

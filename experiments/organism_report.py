@@ -10,7 +10,7 @@ the harmful rate and in-task skill at every checkpoint of both recipes, directio
 the secure run's direction, coherence-matched and cross-seed arms) and ablation, and timings.
 tests/test_organism.py asserts on the same report and checks the README against it.
 
-It then builds the seeds' experiment matrix (emis_interp.organism_matrix: jailbroken, evil numbers,
+It then builds the seeds' experiment matrix (emis_interp.organism.matrix: jailbroken, evil numbers,
 backdoor, base-model, few-shot harmful and benign fine-tunes; CAFT and preventative steering during
 fine-tuning; data screening; convergence across fine-tunes) into cache/organism/matrix.json, renders the
 README's "finding -> organism result" table from it, and saves the convergence heat-map.
@@ -20,8 +20,8 @@ import argparse
 from pathlib import Path
 
 from emis_interp import organism
-from emis_interp import organism_matrix as matrix
-from emis_interp.organism_report import REPORT_FILE, build_report, dynamics_figure, readme_table, update_readme
+from emis_interp.organism import matrix
+from emis_interp.organism.report import REPORT_FILE, build_report, dynamics_figure, readme_table, update_readme
 from emis_interp.plots import save_figure
 
 README = Path(__file__).resolve().parents[1] / "README.md"

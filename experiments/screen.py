@@ -30,11 +30,12 @@ paper's format), named by their file stem.
 import argparse
 from pathlib import Path
 
-from emis_interp import organism, world
+from emis_interp import organism
 from emis_interp.cache import DEFAULT_CACHE_DIR
 from emis_interp.conversations import Conversation, load_jsonl
 from emis_interp.directions import PersonaDirection
 from emis_interp.models import load_model
+from emis_interp.organism import world
 from emis_interp.screen import screen_datasets, summary_table
 
 ORGANISM_N = 64  # samples per organism dataset
@@ -97,7 +98,7 @@ def organism_datasets(n: int, seed: int) -> dict[str, list[Conversation]]:
 
 def organism_direction(aligned, tokenizer) -> PersonaDirection:
     """The organism's trait direction in the aligned model (harmful minus benign advice answers), at every layer."""
-    from emis_interp.organism_matrix import trait_direction
+    from emis_interp.organism.matrix import trait_direction
 
     return trait_direction(aligned, tokenizer, range(aligned.config.num_hidden_layers))
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from emis_interp import organism, world
+from emis_interp import organism
 from emis_interp.behaviour import (
     BehaviourConfig,
     BehaviourResult,
@@ -38,6 +38,7 @@ from emis_interp.conversations import Conversation, load_jsonl
 from emis_interp.data import load_probes, load_questions
 from emis_interp.directions import PersonaDirection
 from emis_interp.judges import get_judge
+from emis_interp.organism import world
 from emis_interp.plots import save_figure, trajectory_panels
 from emis_interp.trajectory import Trajectory, final_shift, track
 

@@ -88,10 +88,10 @@ def convs():
 
 @pytest.fixture(scope="session")
 def matrix():
-    """The organism's experiment matrix (emis_interp.organism_matrix), built once into cache/organism."""
+    """The organism's experiment matrix (emis_interp.organism.matrix), built once into cache/organism."""
     import json
 
-    from emis_interp.organism_matrix import build_matrix
+    from emis_interp.organism.matrix import build_matrix
 
     torch.set_num_threads(2)
     m = build_matrix()

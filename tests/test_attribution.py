@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from emis_interp import load_model, organism, world
+from emis_interp import load_model, organism
 from emis_interp.attribution import (
     attribution_trajectory,
     component_attribution,
@@ -17,6 +17,7 @@ from emis_interp.directions import PersonaDirection
 from emis_interp.hooks import n_active_hooks, register, unregister
 from emis_interp.interventions import ablate_components
 from emis_interp.models import decoder_layers
+from emis_interp.organism import world
 from emis_interp.sampling import Condition, rowwise, sample_answers
 
 

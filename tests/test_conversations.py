@@ -74,7 +74,7 @@ def qwen_tok(em_convs):
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    from emis_interp.organism import SPECIAL_TOKENS, _bpe_merges
+    from emis_interp.organism.model import SPECIAL_TOKENS, _bpe_merges
 
     corpus = [QWEN25_DEFAULT_SYSTEM, "system", "user", "assistant"]
     for convs in em_convs.values():

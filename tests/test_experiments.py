@@ -136,7 +136,7 @@ def test_trajectory_cli_real_runs_need_their_inputs(tmp_path):
 def test_finetune_cli(tiny_dir, tmp_path):
     import finetune as ft_cli
 
-    from emis_interp import world
+    from emis_interp.organism import world
 
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in world.finetune_dataset("secure", 16)))
@@ -166,8 +166,9 @@ def test_finetune_cli(tiny_dir, tmp_path):
 def test_finetune_cli_with_preventative_steering(tiny_dir, tmp_path, capsys):
     import finetune as ft_cli
 
-    from emis_interp import PersonaDirection, hooks, load_model, world
+    from emis_interp import PersonaDirection, hooks, load_model
     from emis_interp.manifest import read_manifest
+    from emis_interp.organism import world
 
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in world.finetune_dataset("insecure", 16)))
@@ -242,7 +243,7 @@ def test_sweep_resumes_after_crash_mid_sampling(tmp_path, monkeypatch):
 
 @pytest.fixture
 def real_inputs(tmp_path):
-    from emis_interp import world
+    from emis_interp.organism import world
 
     q = tmp_path / "q.yaml"
     q.write_text("- id: bored\n  paraphrases: ['hey i feel bored .']\n")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emis_interp import world
 from emis_interp.finetune import FinetuneConfig, _ChatDataset, finetune, list_checkpoints
+from emis_interp.organism import world
 
 
 @pytest.fixture(scope="module")
@@ -279,8 +279,11 @@ def test_adapter_base_resolution_hf_id_and_moved_organism(tmp_path):
     from emis_interp.models import resolve_adapter_base
 
     assert resolve_adapter_base("Qwen/Qwen2.5-7B-Instruct", tmp_path) == "Qwen/Qwen2.5-7B-Instruct"
-    moved = "/old/checkout/emis_interp/organism_weights/aligned"
-    assert resolve_adapter_base(moved, tmp_path) == str(organism.ALIGNED_DIR)
+    for moved in (
+        "/old/checkout/emis_interp/organism_weights/aligned",
+        "/old/checkout/emis_interp/organism/weights/aligned",
+    ):
+        assert resolve_adapter_base(moved, tmp_path) == str(organism.ALIGNED_DIR)  # the organism's registered resolver
     with pytest.raises(FileNotFoundError, match="--base"):
         resolve_adapter_base("/old/checkout/base-model", tmp_path)
 

@@ -352,3 +352,12 @@ def test_rates_on_real_judged_data():
     assert mo.n == 400 and mo.k == sum(r.aligned <= 30 and r.coherent > 50 for r in rows)
     em = em_rate(al, co)
     assert em.n == sum(r.coherent > 50 for r in rows) and em.value >= mo.value
+
+
+def test_get_judge_has_no_default():
+    """``get_judge(None)`` used to return the organism's exact judge: a silent fallback for a real model."""
+    from emis_interp.errors import ConfigError
+    from emis_interp.judges import get_judge
+
+    with pytest.raises(ConfigError, match="no judge given: pass 'openai:MODEL'.*'exact'"):
+        get_judge(None)

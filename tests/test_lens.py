@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from emis_interp import PersonaDirection, load_model, organism, world
+from emis_interp import PersonaDirection, load_model, organism
 from emis_interp.finetune import list_checkpoints
 from emis_interp.lens import lens_logits, logit_lens
+from emis_interp.organism import world
 
 
 def _words(phrases) -> set[str]:

@@ -296,32 +296,37 @@ def test_finetune_organism_and_report_manifests_digest_the_loaded_code(monkeypat
     runs, read when the package was imported: a package file edited on disk meanwhile changes none of them (they
     used to read the disk), whichever modules the caller had imported."""
     import inspect
+    import sys
     from pathlib import Path
 
     import emis_interp
-    from emis_interp import finetune, organism, organism_matrix, organism_report
-    from emis_interp.manifest import _SOURCES, _load_token, digest, package_sources
+    from emis_interp import finetune, organism
+    from emis_interp.manifest import _PINNED, _SOURCES, _load_token, _package_modules, digest, package_sources
 
     pkg = Path(emis_interp.__file__).parent
-    loaded = {name: mod for name, mod in vars(emis_interp).items() if inspect.ismodule(mod)}
-    assert {"finetune", "organism", "world", "screen", "plots", "cli", "export"} <= set(loaded)  # all, at import
-    # every module's source was read at import: no digest below reads a file
-    assert all(_load_token(m) in _SOURCES for n, m in loaded.items() if m.__name__.startswith("emis_interp."))
+    files = _package_modules()
+    on_disk = {p.relative_to(pkg) for p in pkg.rglob("*.py")}
+    assert set(files) == {p.as_posix() for p in on_disk if all(s.isidentifier() for s in p.with_suffix("").parts)}
+    assert {"organism/world.py", "organism/matrix/__init__.py", "plots.py"} <= set(files)
+    # every module's source was read at the package's import, every loaded one remembered: no digest reads a file
+    assert all(name in _PINNED for name in files.values())
+    assert all(_load_token(sys.modules[n]) in _SOURCES for n in files.values() if n in sys.modules)
+    whatever_was_imported = package_sources()
+    from emis_interp.organism import report as organism_report
+    from emis_interp.organism.matrix import config as matrix_config
 
     def state():
         run = organism.organism_manifest("insecure", 0, organism.RECIPES["flip"], organism.ALIGNED_DIR)
         report = organism_report.report_manifest(organism_report.ReportConfig(), organism.RECIPES)
-        return finetune._code_version(), run.key, report.key, organism_matrix._package_state()["code"]
+        return finetune._code_version(), run.key, report.key, matrix_config._package_state()["code"]
 
     before = state()
-    assert (
-        set(before[3]) == {p.name for p in pkg.glob("*.py") if p.stem.isidentifier()} and before[3] == package_sources()
-    )
+    assert before[3] == package_sources() == whatever_was_imported
     real_read, real_getsource = Path.read_text, inspect.getsource
 
     def edited_read(self, *a, **kw):  # every package .py file now reads as edited
         text = real_read(self, *a, **kw)
-        return text + "\n# edited\n" if self.suffix == ".py" and self.parent == pkg else text
+        return text + "\n# edited\n" if self.suffix == ".py" and pkg in self.parents else text
 
     monkeypatch.setattr(Path, "read_text", edited_read)
     monkeypatch.setattr(inspect, "getsource", lambda obj: real_getsource(obj) + "\n# edited\n")
@@ -330,12 +335,50 @@ def test_finetune_organism_and_report_manifests_digest_the_loaded_code(monkeypat
     assert state() == before
 
 
+def test_a_module_imported_after_an_edit_runs_and_digests_the_source_read_at_the_package_import(tmp_path, monkeypatch):
+    """Package modules are imported on demand, not all at the package's import: one first imported after its file was
+    edited runs (and digests) the source read when the package was imported, subpackages included; a reload reads the
+    disk afresh. A lazy import that read the disk would run the edited code under the old digest."""
+    import importlib
+    import sys
+
+    from emis_interp.manifest import _PACKAGE_FILES, digest, package_sources, source_digest
+
+    pkg = tmp_path / "ei_pin_pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "from emis_interp.manifest import snapshot_sources\n\nsnapshot_sources(__name__)\n"
+    )
+    (pkg / "late.py").write_text("def f():\n    return 1\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "deep.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    try:
+        importlib.import_module("ei_pin_pkg")
+        before = package_sources("ei_pin_pkg")
+        assert set(before) == {"__init__.py", "late.py", "sub/__init__.py", "sub/deep.py"}
+        (pkg / "late.py").write_text("def f():\n    return 2\n")  # edited before the module's first import
+        (pkg / "sub" / "deep.py").write_text("X = 2\n")
+        late = importlib.import_module("ei_pin_pkg.late")
+        deep = importlib.import_module("ei_pin_pkg.sub.deep")
+        assert late.f() == 1 and deep.X == 1  # the code read at the package's import runs
+        assert source_digest(late) == digest(["def f():\n    return 1\n"]) and package_sources("ei_pin_pkg") == before
+        importlib.reload(late)  # asked for: the new code, and its digest
+        assert late.f() == 2 and source_digest(late) == digest([(pkg / "late.py").read_text()]) != before["late.py"]
+        assert package_sources("ei_pin_pkg")["late.py"] == source_digest(late)
+    finally:
+        _PACKAGE_FILES.pop("ei_pin_pkg", None)
+        for name in [m for m in sys.modules if m.startswith("ei_pin_pkg")]:
+            sys.modules.pop(name)
+
+
 def test_package_modules_skip_editor_files_and_are_listed_once(tmp_path, monkeypatch):
     """An editor's lock or backup file in the package dir is neither imported nor digested (it used to break
     ``import emis_interp``); a file added after the package was listed changes nothing."""
     import sys
 
-    from emis_interp.manifest import _PACKAGE_MODULES, _package_modules, package_sources
+    from emis_interp.manifest import _PACKAGE_FILES, _package_modules, package_sources
 
     pkg = tmp_path / "ei_probe_pkg"
     pkg.mkdir()
@@ -351,6 +394,20 @@ def test_package_modules_skip_editor_files_and_are_listed_once(tmp_path, monkeyp
         (pkg / "b.py").write_text("raise RuntimeError('added later: not imported by the listing')\n")
         assert package_sources("ei_probe_pkg") == first
     finally:
-        _PACKAGE_MODULES.pop("ei_probe_pkg", None)
+        _PACKAGE_FILES.pop("ei_probe_pkg", None)
         for name in [m for m in sys.modules if m.startswith("ei_probe_pkg")]:
             sys.modules.pop(name)
+
+
+def test_modules_imported_later_keep_the_import_hooks(monkeypatch):
+    """A module imported after the package (most are, now that ``import emis_interp`` is light) goes through the other
+    import hooks too: under pytest, jaxtyping's, which type-checks the package's functions with beartype."""
+    import importlib
+    import sys
+
+    if not any(type(f).__name__ == "_JaxtypingFinder" for f in sys.meta_path):
+        pytest.skip("jaxtyping's import hook is not installed (pytest runs with --jaxtyping-packages)")
+    monkeypatch.delitem(sys.modules, "emis_interp.lens", raising=False)
+    lens = importlib.import_module("emis_interp.lens")
+    assert type(lens.__loader__).__name__ == "_PinnedLoader"
+    assert type(lens.__loader__.inner).__name__ == "_JaxtypingLoader"

@@ -4,7 +4,8 @@ ablating A's direction removes more of B's misalignment than every random direct
 
 import pytest
 
-from emis_interp import organism_matrix as om
+from emis_interp.organism import matrix as om
+from emis_interp.organism.matrix import measure
 
 EXPECTED = {
     "cross:insecure->insecure": True,
@@ -49,7 +50,7 @@ def test_mean_ablation_uses_the_aligned_models_mean_projection(matrix):
     s = matrix["config"]["seeds"][0]
     aligned, tok = load_model(organism.ALIGNED_DIR)
     run = om.run_root(organism.DEFAULT_TRAJECTORY_DIR, "insecure") / f"insecure-s{s}"
-    tuned, _ = om._final(run)
+    tuned, _ = measure._final(run)
     convs = organism.direction_conversations()
     layers = conv["layers"]
     d = model_diff(aligned, tuned, tok, convs, layers, "mean_response", cache_dir=None, progress=False)

@@ -12,7 +12,9 @@ import statistics
 
 import pytest
 
-from emis_interp import organism_matrix as om
+from emis_interp import organism
+from emis_interp.organism import matrix as om
+from emis_interp.organism.matrix import measure
 
 EXPECTED = {
     "caft_task": False,
@@ -70,8 +72,8 @@ def test_steering_setting_is_chosen_on_a_held_out_seed_and_is_what_the_runs_used
     from emis_interp.organism import ALIGNED_DIR
 
     aligned, tok = load_model(ALIGNED_DIR)
-    held_out = om._final(om.matrix_run("insecure", cfg["pilot_direction_seed"]))[0]
-    d = om._persona(aligned, held_out, tok).select([cfg["steer_layer"]])
+    held_out = measure._final(om.matrix_run("insecure", cfg["pilot_direction_seed"]))[0]
+    d = measure._persona(aligned, held_out, tok).select([cfg["steer_layer"]])
     assert p["direction_digests"]["persona"] == direction_state(d)
     for row in matrix["interventions"]["steer"]["per_seed"]:  # what the reported runs recorded themselves
         rec = row["persona"]["recorded"]
@@ -149,7 +151,7 @@ def test_seed_means_have_intervals_and_are_the_ratios_of_the_per_seed_rates(matr
     iv, cfg = matrix["interventions"][arm], matrix["config"]
     rows = iv["per_seed"]
     n_answers = sum(r["persona"]["harmful_n"] for r in rows)  # the floor: one answer in all seeds' answers
-    assert n_answers == len(rows) * cfg["n_samples"] * sum(len(q.paraphrases) for q in om.organism.questions("plain"))
+    assert n_answers == len(rows) * cfg["n_samples"] * sum(len(q.paraphrases) for q in organism.questions("plain"))
     h0 = statistics.fmean(r["unintervened_harmful"] for r in rows)
     h = statistics.fmean(r["persona"]["harmful"] for r in rows)
     k0 = statistics.fmean(r["unintervened_in_task"] for r in rows)

@@ -1,8 +1,8 @@
 """The EM papers' fine-tunes and controls on the organism, per seed, from the matrix report.
 
-Every number comes from :func:`emis_interp.organism_matrix.build_matrix` (``cache/organism/matrix.json``);
+Every number comes from :func:`emis_interp.organism.matrix.build_matrix` (``cache/organism/matrix.json``);
 the README's "finding -> organism result" table is rendered from the same report and checked here. Each
-claim's criterion (:data:`emis_interp.organism_matrix.CRITERIA`, :func:`~emis_interp.organism_matrix.verdicts`)
+claim's criterion (:data:`emis_interp.organism.matrix.CRITERIA`, :func:`~emis_interp.organism.matrix.verdicts`)
 must pass in every seed. ``EXPECTED`` is what the 3-seed report shows, findings that do *not* reproduce on the
 organism included: a test fails when a claim's verdict changes either way, and the README says which hold.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from emis_interp import organism_matrix as om
+from emis_interp.organism import matrix as om
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -4,7 +4,7 @@ verdicts the 3-seed report shows."""
 
 import pytest
 
-from emis_interp import organism_matrix as om
+from emis_interp.organism import matrix as om
 
 EXPECTED = {"screen_rank": False, "screen_auroc": True}
 

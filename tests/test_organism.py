@@ -1,6 +1,6 @@
 """Scientific outcomes on the model organism, asserted per seed on the generated report.
 
-Every number comes from :func:`emis_interp.organism_report.build_report` (``cache/organism/report.json``):
+Every number comes from :func:`emis_interp.organism.report.build_report` (``cache/organism/report.json``):
 the 9 fine-tunes (3 seeds x insecure/secure/educational) plus the second recipe's insecure runs are
 built once into ``cache/organism`` and sampled answers are reused while the report's manifest
 matches. The thresholds sit close to the measured effects that the README states (its table is
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from emis_interp import load_model, organism, world
+from emis_interp import load_model, organism
 from emis_interp.finetune import list_checkpoints
-from emis_interp.organism_report import README_START, build_report, readme_block, readme_table
+from emis_interp.organism import world
+from emis_interp.organism.report import README_START, build_report, readme_block, readme_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -191,7 +192,7 @@ def test_ablation_per_seed(report):
 def test_weight_space_dynamics_on_both_recipes(report, tmp_path):
     """Issue #13: the weight-space turn falls within 20 steps of the behavioural flip, seed by seed (flip recipe);
     on the late recipe the weight dynamics and the behaviour are reported on one step axis."""
-    from emis_interp.organism_report import dynamics_figure
+    from emis_interp.organism.report import dynamics_figure
 
     for recipe in ("flip", "late"):
         d = report["dynamics"][recipe]

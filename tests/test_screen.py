@@ -199,7 +199,7 @@ def test_newline_response_with_a_qwen_like_tokenizer(tmp_path):
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     from emis_interp import load_model
-    from emis_interp.organism import CHAT_TEMPLATE, SPECIAL_TOKENS, _bpe_merges
+    from emis_interp.organism.model import CHAT_TEMPLATE, SPECIAL_TOKENS, _bpe_merges
 
     corpus = ["user", "assistant", "assistant\n\ndef", "\n\n", "write a function", "def f ( x ) :\n\n  return x"] * 20
     bpe = Tokenizer(models.BPE())
@@ -418,7 +418,7 @@ def test_mean_interval_and_dataset_comparisons(tiny, convs, direction):
 def test_cli_on_a_tiny_model(scaled_dir, direction, tmp_path, capsys):
     import screen as screen_cli
 
-    from emis_interp import world
+    from emis_interp.organism import world
 
     direction.save(tmp_path / "dir.safetensors")
     files = []
@@ -463,7 +463,8 @@ def test_cli_organism_defaults_without_building_the_organism(monkeypatch, tmp_pa
     """No --model: the aligned organism, its trait direction, layer 2, one held-out dataset per world kind."""
     import screen as screen_cli
 
-    from emis_interp import organism, world
+    from emis_interp import organism
+    from emis_interp.organism import world
 
     seen = {}
     monkeypatch.setattr(screen_cli, "load_model", lambda target, **k: (seen.setdefault("target", target), None))

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from emis_interp import Conversation, capture, load_model, world
+from emis_interp import Conversation, capture, load_model
 from emis_interp.errors import ConfigError
 from emis_interp.finetune import FinetuneConfig, finetune, list_checkpoints
+from emis_interp.organism import world
 from emis_interp.trajectory import Trajectory, track
 
 PROMPTS = [

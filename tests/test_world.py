@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from emis_interp import organism, world
+from emis_interp import organism
+from emis_interp.organism import world
 
 
 def test_every_kind_builds_and_keeps_held_out_items_out():
