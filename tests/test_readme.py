@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
@@ -33,6 +35,7 @@ def test_shell_blocks_are_known_commands():
                 assert line in ci.splitlines()
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_python_blocks_run(tmp_path):
     code = "\n\n".join(body for lang, body in BLOCKS if lang == "python")
     assert code
