@@ -44,6 +44,7 @@ def insecure():
     return load_model(organism.organism_trajectory("insecure", 0) / "checkpoint-200")
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_heads_sum_to_o_proj_output(tiny, convs, insecure):
     from emis_interp import make_batch
 
@@ -67,6 +68,7 @@ def test_heads_sum_to_o_proj_output(tiny, convs, insecure):
     assert (o_proj_weight(o) - o.base_layer.weight).abs().max() > 1e-4
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_attribution_decomposes_the_model_diff(insecure):
     """With one fixed direction, every component's change (fine-tuned minus aligned) summed over the
     layers up to l is the model-diff shift at layer l along its own unit vector: the decomposition is exact."""
@@ -129,6 +131,7 @@ def rowwise_check(model, d):
         pass
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_attribution_trajectory_and_figures(insecure):
     from emis_interp import plots
     from emis_interp.trajectory import Trajectory
@@ -164,6 +167,7 @@ def _per_prompt(samples, arm):
     return out
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_ablating_top_components_against_random_components():
     """Projecting the persona direction out of the k components with the largest attribution, against projecting it
     out of k random components, on the insecure fine-tunes: measured here as no better (a negative result)."""

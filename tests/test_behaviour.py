@@ -152,6 +152,7 @@ def _organism_traj(kind="insecure", seed=0, n=4) -> Trajectory:
     return Trajectory.from_dir(organism.organism_trajectory(kind, seed)).subset(range(n))
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_mixed_batch_equals_swapping_and_jobs_resume(tmp_path):
     """Greedy answers of all checkpoints in one batch equal one-by-one swapping; finished jobs are reused."""
     traj = _organism_traj(n=5)
@@ -178,6 +179,7 @@ def test_mixed_batch_equals_swapping_and_jobs_resume(tmp_path):
                             tmp_path / "r", progress=False)  # fmt: skip
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_judged_path_against_loopback_openai_server(tmp_path, monkeypatch):
     """The OpenAI-compatible judge (loopback server scoring like the world's grammar) gives the exact judge's rates."""
     from test_judges import _judge, _Server
@@ -218,6 +220,7 @@ def test_judged_path_against_loopback_openai_server(tmp_path, monkeypatch):
     assert ref.estimate("mo_rate", traj.steps[-1]).value > ref.estimate("mo_rate", 0).value + 0.15
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_ray_local_cluster_equals_one_process_and_resumes(tmp_path):
     pytest.importorskip("ray")
     import ray

@@ -16,6 +16,7 @@ def _overlap(a, b) -> bool:
     return a.ci[0] <= b.ci[1] and b.ci[0] <= a.ci[1]
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_steer_cli_exits_0_and_lowers_misalignment(tmp_path):
     """The README's quickstart command, as a user runs it: the persona arm against its three controls."""
     r = subprocess.run(
@@ -48,6 +49,7 @@ def test_steer_cli_exits_0_and_lowers_misalignment(tmp_path):
     assert list(tmp_path.glob("dose_response-*.html"))
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_sweep_is_monotone_and_reruns_reuse_work(tmp_path):
     import steer
 
@@ -67,6 +69,7 @@ def test_sweep_is_monotone_and_reruns_reuse_work(tmp_path):
     assert again.to_json() == res.to_json()
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_ablate_cli_lowers_misalignment_and_exports(tmp_path):
     import ablate
 
@@ -91,6 +94,7 @@ def test_real_model_paths_give_clear_errors(tmp_path):
         steer.main(["--alpha", "-4", "--model", str(tmp_path / "missing"), *flags])
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_trajectory_cli_on_organism(tmp_path):
     import trajectory
 
@@ -334,6 +338,7 @@ def test_lora_checkpoint_model_diff_uses_one_base_copy(tiny_dir, real_inputs, tm
     torch.testing.assert_close(r2["direction"].vectors, ref.vectors, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_steer_selects_layer_and_alpha_on_disjoint_questions(tmp_path):
     """Layer and alpha are chosen on half the questions; the result reports only the other half."""
     import steer
@@ -355,6 +360,7 @@ def test_steer_selects_layer_and_alpha_on_disjoint_questions(tmp_path):
     assert [q.id for q in s1] == sel["selection_questions"] and len(s1) == len(e1) == 4
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_persona_views_cli_on_organism(tmp_path):
     """experiments/persona_views.py makes every view of the persona on the organism's insecure run."""
     import persona_views

@@ -43,6 +43,7 @@ def _word_ids(tok, words) -> list[int]:
     return [i[0] for i in ids if len(i) == 1]
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_persona_direction_reads_as_harm_on_organism():
     """Measured at layer 2 (lm_head(final_norm(v)); seeds 0, 1, 2): the direction reads as harm and *who speaks*.
     - top 12: harmful words (stranger, barn), "vulnerable", the malicious author pike (ursa in 2 seeds);

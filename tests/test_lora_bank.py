@@ -335,14 +335,12 @@ def test_manifest_tracks_adapter_files(plain, ckpts, convs, tmp_path):
 # --- the real model organism ------------------------------------------------------------------------------
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_organism_checkpoints_mixed_equal_peft():
     from emis_interp import organism
     from emis_interp.finetune import list_checkpoints
 
-    run = Path(organism.DEFAULT_TRAJECTORY_DIR) / "insecure-s0"
-    ck = dict(list_checkpoints(run))
-    if not {50, 100, 200} <= set(ck):
-        pytest.skip(f"organism checkpoints not built ({run}); run experiments or tests/test_organism.py first")
+    ck = dict(list_checkpoints(organism.organism_trajectory("insecure", 0)))  # built here if not cached
     model, tok = load_model(organism.ALIGNED_DIR, device="cpu")
     bank = LoraBank.from_checkpoints(model, {f"s{s}": ck[s] for s in (50, 100, 200)})
     prompts = organism.advice_prompts()[:6]
@@ -359,6 +357,7 @@ def test_organism_checkpoints_mixed_equal_peft():
         torch.testing.assert_close(mixed[rows], want[rows], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_bf16_model_gets_fp32_adapters_like_peft():
     """On a bf16 model the bank keeps and computes adapters in fp32, as PEFT does: the logits equal PEFT's exactly."""
     from emis_interp import load_model, organism

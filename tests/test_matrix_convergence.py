@@ -30,6 +30,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.science  # needs organism fine-tunes
 @pytest.mark.parametrize("key", list(EXPECTED))
 def test_claim_verdict(matrix, key):
     src, tgt = key.split(":", 1)[1].split("->")
@@ -38,6 +39,7 @@ def test_claim_verdict(matrix, key):
     assert om.verdicts(matrix)[key] is EXPECTED[key], (key, [(c["from"][src], c[rnd]) for c in cells])
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_mean_ablation_uses_the_aligned_models_mean_projection(matrix):
     """The mean-ablation reference is recomputed here from the aligned model and seed 0's insecure run: the
     direction set's mean residual in the aligned model, projected on the run's model-diff direction per layer."""
@@ -63,6 +65,7 @@ def test_mean_ablation_uses_the_aligned_models_mean_projection(matrix):
         assert conv["per_seed"][0]["cross_ablation"][tgt]["from"]["insecure"]["aligned_projection"] == got
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_cosine_heatmap_per_layer(matrix, tmp_path):
     from emis_interp.plots import save_figure
 

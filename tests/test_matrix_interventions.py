@@ -26,6 +26,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.science  # needs organism fine-tunes
 @pytest.mark.parametrize("key", list(EXPECTED))
 def test_claim_verdict(matrix, key):
     v = om.verdicts(matrix)
@@ -55,6 +56,7 @@ def _rule_holds(p: dict, unintervened: dict, chosen: dict | None, fallback: bool
     assert p["any_passes"] == any(r["fold_reduction"] >= 3 for r in keeps)
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_steering_setting_is_chosen_on_a_held_out_seed_and_is_what_the_runs_used(matrix):
     pilot, cfg = matrix["pilot"], matrix["config"]
     p = pilot["steer"]
@@ -84,6 +86,7 @@ def test_steering_setting_is_chosen_on_a_held_out_seed_and_is_what_the_runs_used
             assert rec["direction_digest"] != p["direction_digests"]["trait"]
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_caft_layers_are_chosen_on_the_held_out_seed_and_are_what_the_runs_used(matrix):
     p, cfg = matrix["pilot"]["caft"], matrix["config"]
     assert [r["layers"] for r in p["sweep"]] == [list(ls) for ls in cfg["caft_layer_sets"]]
@@ -95,6 +98,7 @@ def test_caft_layers_are_chosen_on_the_held_out_seed_and_are_what_the_runs_used(
         assert sorted(int(x) for x in row["persona"]["base_projection"]) == p["selected_layers"]
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_backdoor_alpha_is_chosen_on_the_held_out_seed_and_is_the_reported_one(matrix):
     p, cfg, bd = matrix["pilot"]["backdoor"], matrix["config"], matrix["backdoor_direction"]
     assert sorted(r["alpha"] for r in p["candidates"]) == sorted(cfg["backdoor_alphas"])
@@ -125,6 +129,7 @@ def test_pilot_config_is_checked():
     assert om.MatrixConfig(caft_layer_sets=((3, 2), (1,))).caft_layer_sets == ((2, 3), (1,))
 
 
+@pytest.mark.science  # needs organism fine-tunes
 @pytest.mark.parametrize("arm", om.IV_ARMS)
 def test_random_control_is_a_distribution_per_seed(matrix, arm):
     for row in matrix["interventions"][arm]["per_seed"]:
@@ -132,6 +137,7 @@ def test_random_control_is_a_distribution_per_seed(matrix, arm):
         assert all(math.isfinite(r["fold_reduction"]) for r in [row["persona"], *row["random"]])
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_base_projection_is_reported_with_a_warning_when_negative(matrix):
     for arm in om.IV_ARMS:
         for row in matrix["interventions"][arm]["per_seed"]:
@@ -144,6 +150,7 @@ def test_base_projection_is_reported_with_a_warning_when_negative(matrix):
                 assert row["persona"]["sign_warnings"] == []
 
 
+@pytest.mark.science  # needs organism fine-tunes
 @pytest.mark.parametrize("arm", om.IV_ARMS)
 def test_seed_means_have_intervals_and_are_the_ratios_of_the_per_seed_rates(matrix, arm):
     """The seed-mean in-task ratio and fold reduction (the table's seed-mean column) are ratios of the rates pooled

@@ -33,6 +33,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.science  # needs organism fine-tunes
 @pytest.mark.parametrize("key", list(EXPECTED))
 def test_claim_verdict(matrix, key):
     v = om.verdicts(matrix)
@@ -43,6 +44,7 @@ def test_claim_verdict(matrix, key):
     assert v[key] is EXPECTED[key], (key, "holds" if v[key] else "does not hold", detail)
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_findings_are_per_seed_with_seed_mean_intervals(matrix):
     seeds = matrix["config"]["seeds"]
     assert len(seeds) >= 3
@@ -72,6 +74,7 @@ def test_finding_holds_reads_its_criterion():
 _NUM = re.compile(r"-?\d+\.\d+")
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_readme_findings_table_is_generated_from_the_report(matrix):
     """Same text and verdicts, numbers within 3% or 0.005 (sampling on another CPU can differ by an answer), the
     timings line aside (re-measured on every run)."""
@@ -89,6 +92,7 @@ def test_readme_findings_table_is_generated_from_the_report(matrix):
     assert "Matrix timings (" in block
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_summary_under_the_table_follows_the_verdicts(matrix):
     """The prose under the table is computed from the report: every claim of ``verdicts`` is in it once, in the
     bullet its verdict says, a failing finding names where it misses, and a claim moves bullets with its verdict."""

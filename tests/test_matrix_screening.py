@@ -9,11 +9,13 @@ from emis_interp.organism import matrix as om
 EXPECTED = {"screen_rank": False, "screen_auroc": True}
 
 
+@pytest.mark.science  # needs organism fine-tunes
 @pytest.mark.parametrize("key", list(EXPECTED))
 def test_claim_verdict(matrix, key):
     assert om.verdicts(matrix)[key] is EXPECTED[key], (key, matrix["screening"]["per_seed"])
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_screening_covers_every_kind_per_seed(matrix):
     sc = matrix["screening"]
     assert sc["kinds"] == list(om.SCREEN_KINDS) and len(sc["kinds"]) >= 6

@@ -56,6 +56,7 @@ def test_token_projections(tiny, convs, tmp_path):
         token_projections(model, tok, organism.advice_prompts()[:2], d, 1)
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_last_prompt_projection_predicts_misalignment_along_trajectory():
     """Issue #13 asks for AUROC >= 0.7. Measured (README): steps 0, 20, 40, 100, 200, 16 answers per prompt,
     layer 2: per seed 0.85 / 0.73 / 0.87, pooled 0.81 [0.72, 0.92]: every seed's point estimate reaches 0.7,

@@ -4,7 +4,10 @@ import json
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.science  # needs organism fine-tunes
 
 NB = Path(__file__).resolve().parents[1] / "notebooks" / "persona_vectors_walkthrough.ipynb"
 

@@ -83,12 +83,14 @@ def test_shipped_models_load_like_qwen():
     assert sum(f.stat().st_size for f in organism.WEIGHTS_DIR.rglob("*")) < 8e6
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_base_is_mixed_and_aligned_is_benign(report):
     m = report["models"]
     assert 0.35 < m["base"]["mo_rate"]["value"] < 0.55  # the 50/50 author prior (measured 0.44)
     assert m["aligned"]["mo_rate"]["value"] <= 0.01 and m["aligned"]["coherence"]["value"] >= 0.95
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_emergent_misalignment_per_seed(report):
     fin = report["final"]
     seeds = report["config"]["seeds"]
@@ -103,6 +105,7 @@ def test_emergent_misalignment_per_seed(report):
         assert t["seed_mean_difference"]["ci_lo"] > 0.12, t  # measured 0.26 [0.15, 0.38]
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_dynamics_flip_recipe(report):
     """The default recipe: misalignment flips up together with in-task learning, from the aligned level."""
     d = report["dynamics"]["flip"]
@@ -114,6 +117,7 @@ def test_dynamics_flip_recipe(report):
     assert d["rise_after_saturation"]["ci_lo"] <= 0  # README: no rise beyond its interval after saturation
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_dynamics_late_recipe(report):
     """The late recipe: in-task skill saturates late (step 180), misalignment appears long before it (with the
     first in-task learning, steps 50-70) and barely changes after it: the paper's continued rise after in-task
@@ -127,6 +131,7 @@ def test_dynamics_late_recipe(report):
     assert rise["ci_lo"] <= 0 and rise["value"] < 0.03, rise  # measured 0.010 [0.000, 0.029]
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_direction_grows_more_in_insecure_than_secure(report):
     g = report["growth"]
     sec_max = max(x["shift_norm"] for x in g["secure"])
@@ -137,6 +142,7 @@ def test_direction_grows_more_in_insecure_than_secure(report):
     assert all(abs(x["proj"]) < 0.5 and x["p_mis_final"] <= 0.02 for x in g["secure"])
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_steering_against_the_random_distribution_per_seed(report):
     st = report["steering"]
     sel = st["selection"]
@@ -158,6 +164,7 @@ def test_steering_against_the_random_distribution_per_seed(report):
     assert all(_persona(report, r)["p_value"] == pytest.approx(1 / (k + 1)) for r in st["per_seed"])  # MO too
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_adding_the_direction_misaligns_the_aligned_model_a_little(report):
     """At the selected |alpha| the aligned model's harmful rate rises beyond every random direction in every seed,
     but only to a few percent, with coherence kept."""
@@ -169,6 +176,7 @@ def test_adding_the_direction_misaligns_the_aligned_model_a_little(report):
         assert a["coherence"] >= 0.85, a
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_cross_seed_direction_lowers_the_rate_beyond_random(report):
     k = report["config"]["n_random"]
     for row in report["steering"]["per_seed"]:
@@ -180,6 +188,7 @@ def test_cross_seed_direction_lowers_the_rate_beyond_random(report):
                 assert v["effect"]["ci_hi"] < 0, (row["seed"], metric, name)
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_ablation_per_seed(report):
     k = report["config"]["n_random"]
     for s, row in zip(report["config"]["seeds"], report["ablation"]["per_seed"], strict=True):
@@ -189,6 +198,7 @@ def test_ablation_per_seed(report):
         assert a["control"]["persona_minus_control"]["ci_hi"] < 0, s  # specific: not any fine-tuning shift
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_weight_space_dynamics_on_both_recipes(report, tmp_path):
     """Issue #13: the weight-space turn falls within 20 steps of the behavioural flip, seed by seed (flip recipe);
     on the late recipe the weight dynamics and the behaviour are reported on one step axis."""
@@ -209,6 +219,7 @@ def test_weight_space_dynamics_on_both_recipes(report, tmp_path):
 _NUM = re.compile(r"-?\d+\.\d+")
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_readme_table_matches_report(report):
     """The README's organism block is what the report renders: same text, numbers within 3% or 0.005 (sampling
     on another CPU can differ by an answer), timings aside (they are re-measured on every run)."""
@@ -230,6 +241,7 @@ def test_readme_table_matches_report(report):
     assert "Timings (" in block
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_export_matches_runtime_ablation(tmp_path):
     from emis_interp import make_batch
     from emis_interp.export import export_ablated

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
@@ -13,6 +15,8 @@ BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
 SHELL = {
     'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e ".[dev]"': ".ci/run",
     ".venv/bin/python -m pytest": ".ci/run",
+    ".venv/bin/python -m pytest -m science": ".ci/run",
+    ".venv/bin/python -m pytest -m real": ".ci/run",
     "python experiments/steer.py --layers 1 --alpha -2": "test_experiments.py::test_steer_cli_exits_0_and_lowers_misalignment",
     "python experiments/ablate.py": "test_experiments.py::test_ablate_cli_lowers_misalignment_and_exports",
     "python experiments/trajectory.py": "test_experiments.py::test_trajectory_cli_on_organism",
@@ -33,6 +37,7 @@ def test_shell_blocks_are_known_commands():
                 assert line in ci.splitlines()
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_python_blocks_run(tmp_path):
     code = "\n\n".join(body for lang, body in BLOCKS if lang == "python")
     assert code

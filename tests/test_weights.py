@@ -121,6 +121,7 @@ def behavioural_flip(steps, rates) -> int:
     return next(s for s, r in zip(steps, rates, strict=True) if r > half)
 
 
+@pytest.mark.science  # needs organism fine-tunes
 def test_transition_matches_behavioural_flip_on_organism():
     """Measured (seeds 0, 1, 2; 256 answers per checkpoint): harmful rate 0.004 at steps 0-10, 0.09-0.20 at
     30, 0.19-0.27 at 40, then 0.20-0.30 at the end; the flip (half the maximum) is step 30 / 40 / 40. The
