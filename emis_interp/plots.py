@@ -117,25 +117,32 @@ def random_distribution(result: SweepResult, metric: str = "mo_rate", title: str
     return fig
 
 
-def _band(values: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
-    cols = list(zip(*values, strict=True))
-    mean = [statistics.fmean(c) for c in cols]
-    lo = [min(c) for c in cols]
-    hi = [max(c) for c in cols]
-    return mean, lo, hi
+def _union_band(series: Sequence[tuple[Sequence[int], Sequence[float]]]):
+    """``(steps, mean, lo, hi)`` over seeds on the union of their steps: at each step, the seeds that have it.
+
+    Seeds of one run may hold different checkpoint sets (a Trainer's final checkpoint at ``max_steps``,
+    ``save_total_limit`` pruning, runs of other lengths)."""
+    at: dict[int, list[float]] = {}
+    for steps, values in series:
+        for s, v in zip(steps, values, strict=True):
+            at.setdefault(s, []).append(v)
+    steps = sorted(at)
+    return (steps, [statistics.fmean(at[s]) for s in steps], [min(at[s]) for s in steps], [max(at[s]) for s in steps])
 
 
 def departure_step(
     runs: Sequence[TrackResult], control: Sequence[TrackResult], metric: str, layer: int | None = None, k: float = 2.0
 ) -> int | None:
     """First step from which the runs' seed-mean stays above the control's mean + k sd (sd over seeds and steps ≥ 1)."""
-    steps, _ = runs[0].series(metric, layer)
-    m_run = _band([r.series(metric, layer)[1] for r in runs])[0]
-    ctrl = [r.series(metric, layer)[1] for r in control]
-    m_ctl = _band(ctrl)[0]
-    flat = [v for c in ctrl for v in c]
+    run_steps, m_run = _union_band([r.series(metric, layer) for r in runs])[:2]
+    ctrl = [r.series(metric, layer) for r in control]
+    ctl_steps, m_ctl = _union_band(ctrl)[:2]
+    flat = [v for c in ctrl for v in c[1]]
     sd = statistics.pstdev(flat) if len(flat) > 1 else 0.0
-    above = [m_run[i] > m_ctl[i] + k * sd + 1e-12 for i in range(len(steps))]
+    ctl_at = dict(zip(ctl_steps, m_ctl, strict=True))
+    steps = [s for s in run_steps if s in ctl_at]  # compared where both have checkpoints
+    run_at = dict(zip(run_steps, m_run, strict=True))
+    above = [run_at[s] > ctl_at[s] + k * sd + 1e-12 for s in steps]
     for i in range(len(steps)):
         if all(above[i:]):
             return steps[i]
@@ -155,8 +162,7 @@ def trajectory_figure(
     """
     fig = go.Figure()
     for i, (name, runs) in enumerate(groups.items()):
-        steps, _ = runs[0].series(metric, layer)
-        mean, lo, hi = _band([r.series(metric, layer)[1] for r in runs])
+        steps, mean, lo, hi = _union_band([r.series(metric, layer) for r in runs])
         c = COLORS[i % len(COLORS)]
         fig.add_trace(go.Scatter(x=steps + steps[::-1], y=hi + lo[::-1], fill="toself", fillcolor=c, opacity=0.15,
                                  line=dict(width=0), showlegend=False, hoverinfo="skip"))  # fmt: skip
@@ -294,10 +300,7 @@ def _track_band(runs: Sequence[TrackResult], metric: str, layer: int | None):
     series = [s for s in series if s[0]]
     if not series:
         return None
-    steps = series[0][0]
-    if any(s[0] != steps for s in series):
-        raise ValueError(f"{metric}: the seeds of one run have different checkpoint steps; align the runs first")
-    return (steps, *_band([s[1] for s in series]))
+    return _union_band(series)
 
 
 def trajectory_panels(

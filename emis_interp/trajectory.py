@@ -22,7 +22,6 @@ metrics. Per-checkpoint results are written as they finish (``metrics.jsonl`` an
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,11 +53,11 @@ class Trajectory:
     name: str = ""
 
     @classmethod
-    def from_dir(
-        cls, path: str | Path, base: str | None = None, allow_gaps: bool = False, base_step: bool = True
-    ) -> Trajectory:
-        """Discover ``checkpoint-N`` directories under ``path``.
+    def from_dir(cls, path: str | Path, base: str | None = None, base_step: bool = True) -> Trajectory:
+        """Discover ``checkpoint-N`` directories under ``path``: any set of them, in step order.
 
+        The steps need not be evenly spaced: the HF Trainer always adds a final checkpoint at ``max_steps``
+        (10, 20, ..., 370 and 375), and ``save_total_limit`` prunes older ones; both are taken as they are.
         Most runs save from ``checkpoint-10`` on. Then, with ``base_step`` (default), step 0 is the
         model *before* fine-tuning: for LoRA the base model (the adapter's B matrices set to zero, exactly
         the base model's outputs), for full checkpoints the ``base`` model's weights (``base`` required).
@@ -73,8 +72,6 @@ class Trajectory:
                 f"no checkpoint-N directories in {str(path)!r}; run experiments/finetune.py (save_steps) first."
             )
         steps = [s for s, _ in ckpts]
-        if not allow_gaps:
-            _check_gaps(steps, path)
         kinds = {_kind(p) for _, p in ckpts}
         if len(kinds) != 1:
             raise ConfigError(f"{path} mixes LoRA and full checkpoints ({kinds}); keep one kind per trajectory.")
@@ -251,19 +248,6 @@ def _step_of(name: str, i: int) -> int:
 
     m = CKPT_RE.match(Path(name).name) or re.search(r"step[-_]?(\d+)", name)
     return int(m.group(1)) if m else i
-
-
-def _check_gaps(steps: list[int], path: Path) -> None:
-    pos = [s for s in steps if s > 0]
-    if len(pos) < 2:
-        return
-    gap = math.gcd(*pos)  # the save interval
-    missing = sorted(set(range(pos[0], pos[-1] + 1, gap)) - set(pos))
-    if missing:
-        raise ConfigError(
-            f"trajectory {path} has gaps: expected a checkpoint every {gap} steps, missing {missing[:10]}. "
-            "Re-run the fine-tune (it resumes) or pass allow_gaps=True."
-        )
 
 
 def _safetensors_files(path: Path, stem: str) -> list[Path]:
