@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .cache import atomic_write_text
-from .data import Question
+from .data import Question, by_base_question
 from .errors import ConfigError
 from .manifest import Manifest, check_resumable, digest, source_digest, tokenizer_state
 from .metrics import coherence_rate, em_rate, mo_rate
@@ -393,7 +393,8 @@ class BehaviourResult:
         return cls(run, seeds, steps, counts, dict(step0 or {}))
 
     def clusters(self, metric: str, step: int) -> dict:
-        return {(s, q): c[metric] for (s, st, q), c in self.counts.items() if st == step}
+        """``{(seed, base question): (numerator, denominator)}``: a question's variants are one cluster."""
+        return by_base_question({(s, q): c[metric] for (s, st, q), c in self.counts.items() if st == step})
 
     def estimate(self, metric: str, step: int, n_boot: int = 1000) -> Estimate:
         return cluster_bootstrap(self.clusters(metric, step), n_boot=n_boot)
