@@ -216,6 +216,11 @@ _MOD = 2**61 - 1  # checksums are accumulated exactly, in Python ints, modulo a 
 _CHUNK = 1 << 24
 
 
+def tensor_bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's raw bits as integer words (flat): compare two tensors bit for bit with ``torch.equal``."""
+    return _bits(t)
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's raw bytes as non-negative 16-bit (or 8-bit) words, flat, on its own device."""
     flat = t.detach().contiguous().reshape(-1)
@@ -242,6 +247,31 @@ def tensor_checksum(t: torch.Tensor) -> tuple[int, int]:
     return total, weighted
 
 
+def offloaded_value(model, name: str) -> torch.Tensor:
+    """The value of parameter/buffer ``name`` that accelerate's CPU/disk offload keeps out of the module (the
+    module holds a meta tensor; an ``AlignDevicesHook`` on it or an ancestor holds the value in its weights map).
+    Raises :class:`ConfigError` when no hook holds it: a meta tensor with no value cannot be fingerprinted."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        try:
+            mod = model.get_submodule(".".join(parts[:i]))
+        except AttributeError:
+            continue
+        hook = getattr(mod, "_hf_hook", None)
+        for hk in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            wmap = getattr(hk, "weights_map", None)
+            if wmap is None:
+                continue
+            try:
+                return wmap[".".join(parts[i:])]
+            except KeyError:
+                continue
+    raise ConfigError(
+        f"{name} is on the meta device and no offload hook holds its value: the model is not fully loaded, so it "
+        "cannot be fingerprinted. Load the model completely (no meta tensors) before caching its outputs."
+    )
+
+
 def _tensor_key(t: torch.Tensor) -> tuple | None:
     # ``_version`` counts in-place writes (copy_, mul_, Trajectory.goto's swaps, optimizer steps)
     try:
@@ -265,7 +295,10 @@ def weights_digest(model, sample: int = 4096) -> str:
     samples: dict[torch.device, list[torch.Tensor]] = {}
     for name, p in sorted(named, key=lambda kv: kv[0]):
         h.update(f"{name}{tuple(p.shape)}{p.dtype}{p.device.type}".encode())
-        if p.numel() == 0 or p.device.type == "meta":
+        if p.numel() == 0:
+            continue
+        if p.device.type == "meta":  # offloaded (accelerate): its value lives in a hook's weights map
+            h.update(repr(tensor_checksum(offloaded_value(model, name.removeprefix("buffer:")))).encode())
             continue
         key = _tensor_key(p)
         hit = cache.get(name)

@@ -155,8 +155,11 @@ class Trajectory:
         kw = dict(tokenizer=self.tokenizer, device=device, dtype=dtype, device_map=device_map)
         if self.kind == "lora":
             # the base (given, or as stored in the adapter) is resolved against the CWD, then the adapter dir
-            return load_model(first, base=self.base, **kw)
-        return load_model(first, **kw)
+            model, tok = load_model(first, base=self.base, **kw)
+        else:
+            model, tok = load_model(first, **kw)
+        _check_resident(model, self.kind, first)  # before any work: a swap could not write offloaded weights
+        return model, tok
 
     def goto(self, model, index: int) -> None:
         """Put checkpoint ``index``'s weights into ``model`` in place (no re-instantiation)."""
@@ -181,6 +184,48 @@ class Trajectory:
 BASE_STEP = "__base__"  # the path of step 0 when it is the model before fine-tuning
 
 
+def _swapped(model, kind: str) -> list[tuple[str, torch.Tensor]]:
+    """The live tensors a swap writes: the LoRA adapter's, or every parameter and buffer of a full model."""
+    if kind == "lora":
+        return [(n, p) for n, p in model.named_parameters() if ".lora_" in n]
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def _check_resident(model, kind: str, where) -> None:
+    """Refuse a model whose swapped tensors are offloaded (accelerate's CPU/disk offload leaves them on the meta
+    device, holding their values in hooks): ``copy_``/``zero_`` on a meta tensor does nothing, so every step
+    would silently be the first checkpoint."""
+    off = [n for n, p in _swapped(model, kind) if p.device.type == "meta"]
+    if off:
+        raise ConfigError(
+            f"{where}: {len(off)} of the {'adapter' if kind == 'lora' else 'model'} tensors a checkpoint swap writes "
+            f"are offloaded to CPU/disk by the device_map (on the meta device, e.g. {off[0]}); a swap cannot write "
+            "them in place. Load with a device_map that keeps every module on a device (device_map='auto' with "
+            "enough GPU memory, max_memory=..., more GPUs, or dtype=torch.bfloat16), or load each checkpoint "
+            "afresh with load_model(checkpoint, device_map=...)."
+        )
+
+
+def _verify(path, written: list[tuple[str, torch.Tensor, torch.Tensor | None]]) -> None:
+    """Every written live tensor holds exactly the checkpoint's value (``None``: zero), bit for bit (NaNs included),
+    compared on the live tensor's device, so a write that did not land is an error, never a silent old step."""
+    from .manifest import tensor_bits
+
+    for name, live, value in written:
+        if live.device.type == "meta":
+            ok = False
+        elif value is None:
+            ok = not bool(tensor_bits(live).any())
+        else:
+            ok = torch.equal(tensor_bits(live), tensor_bits(value.to(device=live.device, dtype=live.dtype)))
+        if not ok:
+            raise ConfigError(
+                f"{path}: after the swap, {name} does not hold the checkpoint's values (device {live.device}); the "
+                "model's weights are not where the swap writes (offloaded or wrapped). Load without offloading "
+                "(see Trajectory.load) or load this checkpoint afresh with load_model."
+            )
+
+
 def _zero_lora(model) -> None:
     """Step 0 of a LoRA run saved without checkpoint-0: every lora_B zero, so the adapter adds exactly 0."""
     from peft import PeftModel
@@ -194,13 +239,15 @@ def _zero_lora(model) -> None:
                 f"step 0 stands for the base model by zeroing the adapter's B, which is not the base model with {bad}; "
                 "save checkpoint-0 with the run (experiments/finetune.py does), or pass base_step=False."
             )
-    n = 0
+    _check_resident(model, "lora", "step 0 (base model)")
+    written = []
     for name, p in model.named_parameters():
         if ".lora_B." in name or ".lora_embedding_B." in name:
             p.zero_()
-            n += 1
-    if n == 0:
+            written.append((name, p, None))
+    if not written:
         raise ConfigError("the loaded model has no lora_B parameters to zero for step 0")
+    _verify("step 0 (base model)", written)
 
 
 def _local_checkpoint(entry: str) -> str:
@@ -265,9 +312,10 @@ def _copy_lora(model, path: Path) -> None:
 
     if not isinstance(model, PeftModel):
         raise ConfigError("LoRA trajectory needs the model returned by Trajectory.load() (a PeftModel)")
+    _check_resident(model, "lora", path)
     sd = load_file(str(_safetensors_files(path, "adapter_model")[0]))
     params = dict(model.named_parameters())
-    used = 0
+    written = []
     for key, value in sd.items():
         # saved: base_model.model.X.lora_A.weight ; live: base_model.model.X.lora_A.default.weight
         live = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
@@ -281,15 +329,18 @@ def _copy_lora(model, path: Path) -> None:
         if p.shape != value.shape:
             raise ConfigError(f"{path}: {key} has shape {tuple(value.shape)}, the loaded adapter {tuple(p.shape)}.")
         p.copy_(value.to(p.dtype))
-        used += 1
-    if used == 0:
+        written.append((live, p, value))
+    if not written:
         raise ConfigError(f"{path}: adapter file holds no LoRA tensors")
+    _verify(path, written)
 
 
 def _copy_full(model, path: Path) -> None:
+    _check_resident(model, "full", path)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     for f in _safetensors_files(path, "model"):
+        written = []
         sd = load_file(str(f))
         for key, value in sd.items():
             if key not in params:
@@ -301,6 +352,8 @@ def _copy_full(model, path: Path) -> None:
                     "checkpoints of one trajectory must share an architecture."
                 )
             p.copy_(value.to(p.dtype))
+            written.append((key, p, value))
+        _verify(path, written)  # per file: a sharded checkpoint's files are not all held in memory at once
 
 
 # --- tracking --------------------------------------------------------------------------------------
