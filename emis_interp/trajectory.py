@@ -37,7 +37,16 @@ from .data import Probe
 from .directions import PersonaDirection
 from .errors import ConfigError
 from .finetune import CKPT_RE, list_checkpoints
-from .manifest import Manifest, digest, dir_digest, prepare_dir, source_digest, tokenizer_state
+from .manifest import (
+    Manifest,
+    digest,
+    dir_digest,
+    library_versions,
+    placement_state,
+    prepare_dir,
+    source_digest,
+    tokenizer_state,
+)
 from .models import load_model
 
 
@@ -425,6 +434,7 @@ def track(
     model_and_tokenizer=None,
     progress: bool = True,
     overwrite: bool = False,
+    allow_code_change: bool = False,
 ) -> TrackResult:
     """Track persona metrics across ``trajectory`` on a fixed evaluation set; resumable.
 
@@ -436,14 +446,16 @@ def track(
     checkpoint's files, the base model, the tokenizer, prompts, layers, reduction, probes, in-task
     set, extra metrics). A rerun with the same manifest skips finished checkpoints; one with
     another raises :class:`~emis_interp.manifest.ManifestMismatch` naming the fields that differ,
-    unless ``overwrite=True`` (``--overwrite``) discards the old results.
+    unless ``overwrite=True`` (``--overwrite``) discards the old results, or, when only the code or library
+    versions differ, ``allow_code_change=True`` (``--allow-code-change``) resumes and records the override in
+    ``manifest.json``.
     """
     out = Path(out_dir)
     convs = as_conversations(eval_prompts)
     layers = sorted(int(x) for x in layers)
     model, tok = model_and_tokenizer or trajectory.load()
-    manifest = track_manifest(trajectory, tok, convs, layers, reduction, probes, in_task, extra, extra_key)
-    prepare_dir(out, manifest, overwrite=overwrite)
+    manifest = track_manifest(trajectory, tok, convs, layers, reduction, probes, in_task, extra, extra_key, model)
+    prepare_dir(out, manifest, overwrite=overwrite, allow_code_change=allow_code_change)
     (out / "acts").mkdir(parents=True, exist_ok=True)
     done_path = out / "metrics.jsonl"
     done = {}
@@ -508,7 +520,9 @@ def checkpoint_state(path: str | Path) -> str:
     return dir_digest(p) if p.is_dir() else str(path)
 
 
-def track_manifest(trajectory, tokenizer, convs, layers, reduction, probes, in_task, extra, extra_key) -> Manifest:
+def track_manifest(
+    trajectory, tokenizer, convs, layers, reduction, probes, in_task, extra, extra_key, model=None
+) -> Manifest:
     if extra is not None and extra_key is None:
         import inspect
 
@@ -542,6 +556,9 @@ def track_manifest(trajectory, tokenizer, convs, layers, reduction, probes, in_t
             "probes": digest(probes) if probes else None,
             "in_task": prompt_set_hash(list(in_task)) if in_task else None,
             "extra": extra_key,
+            # how the checkpoints are run: dtype, devices, attention kernel (None: no model given)
+            "placement": placement_state(model) if model is not None else None,
+            "versions": library_versions(),
         },
     )
 
