@@ -137,3 +137,21 @@ def test_loaded_weights_are_not_read_and_in_place_edits_are_caught(tiny_dir, tmp
     other, _ = load_model(edited)
     other.config._name_or_path = model.config._name_or_path
     assert weights_digest(other) != d0
+
+
+def test_sampling_jobs_resume_across_a_code_change_only_when_allowed(tmp_path):
+    from emis_interp.behaviour import _read_job, _write_job
+
+    f = tmp_path / "steps-0-10.jsonl"
+    old = Manifest("trajectory-samples", {"code": "x", "questions": [1]})
+    _write_job(f, old, {"device": "cpu"}, [{"answer": "a"}])
+    new = Manifest("trajectory-samples", {"code": "y", "questions": [1]})
+    with pytest.raises(ManifestMismatch, match="allow-code-change"):
+        _read_job(f, new, overwrite=False)
+    runtime, rows = _read_job(f, new, overwrite=False, allow_code_change=True)
+    assert rows == [{"answer": "a"}] and runtime == {"device": "cpu"}
+    head = json.loads(f.read_text().splitlines()[0])
+    assert head["manifest"]["key"] == new.key and head["overrides"][0]["allow_code_change"]["code"] == ["x", "y"]
+    assert _read_job(f, new, overwrite=False)[1] == rows  # resumes plainly now
+    with pytest.raises(ManifestMismatch, match="questions"):
+        _read_job(f, Manifest("trajectory-samples", {"code": "z", "questions": [2]}), False, allow_code_change=True)
