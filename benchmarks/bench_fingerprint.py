@@ -40,12 +40,45 @@ def _t(fn) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
+def gguf(path: Path, prompts: int, before: bool) -> None:
+    """The real model: a GGUF loaded (dequantized) by transformers, its file recorded with remember_source."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_load, m = _t(lambda: AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval())
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tok.padding_side = "left"
+    tok.pad_token = tok.pad_token or tok.eos_token
+    n = sum(p.numel() for p in m.parameters())
+    print(
+        f"device: {device_name()}  model: {path.name} ({n / 1e6:.0f}M parameters, fp32), from_pretrained {t_load:.1f} s"
+    )
+    t_mem, _ = _t(lambda: M.weights_digest(m))
+    print(f"in memory, no record of its file (every tensor hashed): {t_mem:.2f} s")
+    m.__dict__.pop("_emis_checksums", None)
+    t_rec, _ = _t(lambda: M.remember_source(m, [path]))
+    print(f"remember_source (sha256 of the {path.stat().st_size / 2**20:.0f} MiB file, first time): {t_rec:.2f} s")
+    t_rec2, _ = _t(lambda: M.remember_source(m, [path]))
+    t_dig, _ = _t(lambda: M.weights_digest(m))
+    print(f"later processes: remember_source {t_rec2:.3f} s + digest {t_dig:.3f} s")
+    if before:
+        t_old, _ = _t(lambda: [M.tensor_checksum(p) for p in m.parameters()])
+        print(f"before (integer checksum of every tensor): {t_old:.1f} s")
+    if tok.chat_template:
+        convs = (organism.advice_prompts() * 8)[:prompts]
+        t_cap, _ = _t(lambda: capture(m, tok, convs, [12, 23], cache_dir=None, progress=False))
+        print(f"guarded work: one uncached capture ({len(convs)} prompts, 2 layers): {t_cap:.2f} s; "
+              f"digest / capture: later processes {(t_rec2 + t_dig) / t_cap:.2%}, in memory {t_mem / t_cap:.1%}")  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="0.5B")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--skip-before", action="store_true", help="skip the slow old checksum")
+    ap.add_argument("--gguf", type=Path, help="time the real model instead: a GGUF file (a tokenizer beside it)")
     a = ap.parse_args()
+    if a.gguf:
+        return gguf(a.gguf, a.prompts, not a.skip_before)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     tmp = Path(tempfile.mkdtemp())
