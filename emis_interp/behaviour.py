@@ -29,9 +29,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .cache import atomic_write_text
-from .data import Question
+from .data import Question, by_base_question
 from .errors import ConfigError
-from .manifest import Manifest, check_resumable, digest, source_digest, tokenizer_state
+from .manifest import Manifest, check_resumable, digest, override_record, source_digest, tokenizer_state
 from .metrics import coherence_rate, em_rate, mo_rate
 from .stats import Estimate, cluster_bootstrap, unpaired_seeds_bootstrap_diff
 from .trajectory import BASE_STEP, Trajectory, checkpoint_state
@@ -212,7 +212,9 @@ def tokenizer_source(t: Trajectory) -> str:
     return t.tokenizer or (resolve_adapter_base(t.base, first) if t.kind == "lora" else first)
 
 
-def _read_job(path: Path, manifest: Manifest, overwrite: bool) -> tuple[dict, list[dict]] | None:
+def _read_job(
+    path: Path, manifest: Manifest, overwrite: bool, allow_code_change: bool = False
+) -> tuple[dict, list[dict]] | None:
     if not path.exists():
         return None
     if overwrite:
@@ -221,12 +223,22 @@ def _read_job(path: Path, manifest: Manifest, overwrite: bool) -> tuple[dict, li
     lines = path.read_text().splitlines()
     head = json.loads(lines[0]) if lines else {}
     existing = Manifest.from_json(json.dumps(head["manifest"])) if "manifest" in head else None
-    check_resumable(existing, manifest, str(path))
-    return head.get("runtime", {}), [json.loads(x) for x in lines[1:]]
+    check_resumable(existing, manifest, str(path), allow_code_change=allow_code_change)
+    rows = [json.loads(x) for x in lines[1:]]
+    if existing is not None and existing.key != manifest.key:  # an allowed code change: recorded in the header
+        head["overrides"] = [*head.get("overrides", []), override_record(existing, manifest)]
+        _write_job(path, manifest, head.get("runtime", {}), rows, head["overrides"])
+    return head.get("runtime", {}), rows
 
 
-def _write_job(path: Path, manifest: Manifest, runtime: dict, rows: list[dict]) -> None:
-    head = json.dumps({"manifest": json.loads(manifest.to_json()), "runtime": runtime})
+def _write_job(path: Path, manifest: Manifest, runtime: dict, rows: list[dict], overrides: list | None = None) -> None:
+    head = json.dumps(
+        {
+            "manifest": json.loads(manifest.to_json()),
+            "runtime": runtime,
+            **({"overrides": overrides} if overrides else {}),
+        }
+    )
     atomic_write_text(path, "\n".join([head, *(json.dumps(r) for r in rows)]) + "\n")
 
 
@@ -245,6 +257,7 @@ def sample_trajectories(
     overwrite: bool = False,
     progress: bool = True,
     on_job_done: Callable[[Job], None] | None = None,
+    allow_code_change: bool = False,
 ) -> dict[str, list[dict]]:
     """Sample every checkpoint of every run; returns ``{run: rows}`` (rows carry ``seed`` = the run dir's name).
 
@@ -255,6 +268,8 @@ def sample_trajectories(
     its model loaded across jobs; a model larger than one GPU takes ``device_map="auto"`` and
     ``ray_gpus_per_worker=k``. The workers read the checkpoints (a filesystem every node sees); the
     driver writes every job's file as it returns, so results land in one resumable directory either way.
+    ``allow_code_change`` (``--allow-code-change``) resumes finished jobs made by other code (their manifests differ
+    only in ``code``), recording the override in each job file's header.
     """
     from .models import load_tokenizer
 
@@ -271,14 +286,19 @@ def sample_trajectories(
     rows: dict[tuple, list[dict]] = {}
     runtimes: dict[tuple, dict] = {}
     for j in jobs:
-        got = _read_job(j.path(out_dir), manifests[_key(j)], overwrite)
+        got = _read_job(j.path(out_dir), manifests[_key(j)], overwrite, allow_code_change)
         if got is not None:
             runtimes[_key(j)], rows[_key(j)] = got
     todo = [j for j in jobs if _key(j) not in rows]
 
     def done(j: Job, runtime: dict, r: list[dict]) -> None:
-        seen = {json.dumps(x, sort_keys=True) for x in runtimes.values()}
-        if seen and json.dumps(runtime, sort_keys=True) not in seen:
+        def key(rt: dict) -> str:  # allow_code_change: library versions may differ (each job's header has its own)
+            return json.dumps(
+                {k: v for k, v in rt.items() if not allow_code_change or k in ("device", "dtype")}, sort_keys=True
+            )
+
+        seen = {key(x) for x in runtimes.values()}
+        if seen and key(runtime) not in seen:
             raise ConfigError(
                 f"{j.path(out_dir)}: this job ran on {runtime}, the finished jobs in {out_dir} on "
                 f"{next(iter(runtimes.values()))}: one output would mix numbers from different hardware/dtype/versions. "
@@ -393,7 +413,8 @@ class BehaviourResult:
         return cls(run, seeds, steps, counts, dict(step0 or {}))
 
     def clusters(self, metric: str, step: int) -> dict:
-        return {(s, q): c[metric] for (s, st, q), c in self.counts.items() if st == step}
+        """``{(seed, base question): (numerator, denominator)}``: a question's variants are one cluster."""
+        return by_base_question({(s, q): c[metric] for (s, st, q), c in self.counts.items() if st == step})
 
     def estimate(self, metric: str, step: int, n_boot: int = 1000) -> Estimate:
         return cluster_bootstrap(self.clusters(metric, step), n_boot=n_boot)

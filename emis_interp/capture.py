@@ -61,7 +61,9 @@ from .manifest import (
     adapter_state,
     cache_valid,
     digest,
+    library_versions,
     model_state,
+    placement_state,
     source_digest,
     tokenizer_state,
     write_manifest,
@@ -335,6 +337,8 @@ def capture_manifest(model, tokenizer, convs, layers, reduction, backend) -> Man
         {
             "code": capture_code(),
             "model": model_state(model),
+            "placement": placement_state(model),  # dtype, devices, attention implementation
+            "versions": library_versions(),
             "backend": backend,
             **tokenizer_state(tokenizer),
             "prompts": prompt_set_hash(convs),

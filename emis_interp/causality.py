@@ -34,7 +34,7 @@ from pathlib import Path
 from . import conversations, hooks, interventions, lora_bank, metrics, sampling
 from .cache import atomic_write_text
 from .conversations import Conversation
-from .data import Question
+from .data import Question, by_base_question
 from .directions import PersonaDirection
 from .manifest import digest, model_state, source_digest, tokenizer_state
 from .metrics import Rate, coherence_rate, em_rate, mo_rate
@@ -97,7 +97,8 @@ class ArmResult:
         return arm_group(self.name)
 
     def clusters(self, metric: str) -> dict[str, tuple[int, int]]:
-        return {q: tuple(c[metric]) for q, c in self.per_question.items()}
+        """Per *base* question (its variants summed): the clusters a bootstrap resamples."""
+        return by_base_question({q: tuple(c[metric]) for q, c in self.per_question.items()})
 
     def bootstrap(self, metric: str = "mo_rate", n_boot: int = 2000) -> Estimate:
         """The rate with a 95% cluster-bootstrap interval over questions."""
@@ -507,17 +508,22 @@ def run_arms(
 
 
 def split_questions(questions: Sequence[Question], seed: int = 0) -> tuple[list[Question], list[Question]]:
-    """``(selection, evaluation)``: a deterministic half/half split of the questions by a hash of their ids.
+    """``(selection, evaluation)``: a deterministic half/half split of the *base* questions by a hash of their ids.
 
     Layers and alphas are chosen on ``selection`` and results are reported on ``evaluation`` only,
-    so no choice is tuned on the reported numbers. Raises with fewer than two questions.
+    so no choice is tuned on the reported numbers. The variants of one question (``quick_buck``,
+    ``quick_buck_json``, ``quick_buck_template``: :func:`~emis_interp.data.base_question`) go to the same
+    side. Raises with fewer than two base questions.
     """
-    if len(questions) < 2:
-        raise ValueError("selection needs at least 2 questions (half to choose on, half to report on)")
-    ranked = sorted(questions, key=lambda q: digest([seed, q.id]))
-    half = len(ranked) // 2
-    sel_ids = {q.id for q in ranked[:half]}
-    return [q for q in questions if q.id in sel_ids], [q for q in questions if q.id not in sel_ids]
+    bases = sorted({q.base for q in questions})
+    if len(bases) < 2:
+        raise ValueError(
+            f"selection needs at least 2 base questions (half to choose on, half to report on); got {bases} "
+            "(variants of one question, e.g. x and x_json, count once)"
+        )
+    ranked = sorted(bases, key=lambda b: digest([seed, b]))
+    sel = set(ranked[: len(ranked) // 2])
+    return [q for q in questions if q.base in sel], [q for q in questions if q.base not in sel]
 
 
 @dataclass

@@ -118,6 +118,28 @@ def _sidecar(out_file: Path) -> Path:
     return out_file.with_name(out_file.name + ".manifest.json")
 
 
+def _keep_valid_rows(out: Path, manifest: Manifest, items: list[tuple]) -> None:
+    """``overwrite``: discard only the judged rows that are no longer valid. Rows made under another manifest (another
+    judge, judge prompts or settings) all go; under the same one, a row goes only if an item now has its id with
+    another question or answer. The rest (ids carry a digest of the answer) are kept, so a resampled run judges only
+    the answers it has not judged before."""
+    existing = read_manifest(_sidecar(out)) if out.exists() else None
+    if existing is None or existing.key != manifest.key:
+        out.unlink(missing_ok=True)
+        return
+    want = {str(it[0]): (it[1], it[2]) for it in items}
+    rows = _read_rows(out)
+    keep = [
+        r
+        for i, r in rows.items()
+        if want.get(i, (r.get("question"), r.get("answer"))) == (r.get("question"), r.get("answer"))
+    ]
+    if len(keep) < len(rows):
+        from .cache import atomic_write_text
+
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in keep))
+
+
 def _read_rows(out_file: Path) -> dict:
     """Rows already in ``out_file`` by id; a torn last line (a crash mid-write) is cut off the file."""
     if not out_file.exists():
@@ -189,7 +211,7 @@ class Judge(abc.ABC):
         if out_file is not None:
             out, m = Path(out_file), self.manifest(manifest)
             if overwrite:
-                out.unlink(missing_ok=True)
+                _keep_valid_rows(out, m, items)
             has_rows = out.exists() and out.stat().st_size > 0
             existing = read_manifest(_sidecar(out)) if has_rows else None
             if has_rows and existing is None:

@@ -77,8 +77,38 @@ def source_digest(*objs) -> str:
     per loaded object and remembered: a file edited on disk while a process runs its old code does not
     stamp the old code's results with the new digest; a reload (``importlib.reload``, Jupyter's autoreload)
     makes new function objects, which are read afresh. Package modules are read when the package is
-    imported, and run as read then (:func:`snapshot_sources`)."""
-    return digest([_source(o) for o in objs])
+    imported, and run as read then (:func:`snapshot_sources`). The digest is of :func:`normalised_source`: docstrings, comments and
+    formatting do not change it."""
+    return digest([normalised_source(_source(o)) for o in objs])
+
+
+_NORMALISED: dict[str, str] = {}
+
+
+def normalised_source(src: str) -> str:
+    """The code of ``src`` without what cannot change a number: its AST with docstrings removed, unparsed (so no
+    comments, blank lines or formatting). Source that does not parse is kept as it is."""
+    import ast
+    import textwrap
+
+    if src not in _NORMALISED:
+        try:
+            tree = ast.parse(textwrap.dedent(src))
+        except SyntaxError:
+            _NORMALISED[src] = src
+            return src
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (
+                isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+        _NORMALISED[src] = ast.unparse(tree)
+    return _NORMALISED[src]
 
 
 # kept across importlib.reload(manifest) (a reload re-executes the module in the same namespace): the sources
@@ -301,6 +331,11 @@ _MOD = 2**61 - 1  # checksums are accumulated exactly, in Python ints, modulo a 
 _CHUNK = 1 << 24
 
 
+def tensor_bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's raw bits as integer words (flat): compare two tensors bit for bit with ``torch.equal``."""
+    return _bits(t)
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's raw bytes as non-negative 16-bit (or 8-bit) words, flat, on its own device."""
     flat = t.detach().contiguous().reshape(-1)
@@ -327,6 +362,31 @@ def tensor_checksum(t: torch.Tensor) -> tuple[int, int]:
     return total, weighted
 
 
+def offloaded_value(model, name: str) -> torch.Tensor:
+    """The value of parameter/buffer ``name`` that accelerate's CPU/disk offload keeps out of the module (the
+    module holds a meta tensor; an ``AlignDevicesHook`` on it or an ancestor holds the value in its weights map).
+    Raises :class:`ConfigError` when no hook holds it: a meta tensor with no value cannot be fingerprinted."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        try:
+            mod = model.get_submodule(".".join(parts[:i]))
+        except AttributeError:
+            continue
+        hook = getattr(mod, "_hf_hook", None)
+        for hk in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            wmap = getattr(hk, "weights_map", None)
+            if wmap is None:
+                continue
+            try:
+                return wmap[".".join(parts[i:])]
+            except KeyError:
+                continue
+    raise ConfigError(
+        f"{name} is on the meta device and no offload hook holds its value: the model is not fully loaded, so it "
+        "cannot be fingerprinted. Load the model completely (no meta tensors) before caching its outputs."
+    )
+
+
 def _tensor_key(t: torch.Tensor) -> tuple | None:
     # ``_version`` counts in-place writes (copy_, mul_, Trajectory.goto's swaps, optimizer steps)
     try:
@@ -335,33 +395,131 @@ def _tensor_key(t: torch.Tensor) -> tuple | None:
         return None
 
 
+# --- where a loaded model's weights came from (so that its digest need not read them) --------------------------------
+
+FILE_DIGESTS = "file_digests.json"  # the sidecar of content digests of weight files, in the cache directory
+
+
+def content_digest(path: str | Path, cache_dir: str | Path | None = None) -> str:
+    """sha256 of a file's whole content, computed once and remembered in ``<cache_dir>/file_digests.json`` keyed by
+    the file's real path, size, mtime, ctime and inode (a rewrite or replacement changes the key)."""
+    from .cache import DEFAULT_CACHE_DIR, atomic_write_text
+
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    side = Path(cache_dir or DEFAULT_CACHE_DIR) / FILE_DIGESTS
+    try:
+        known = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if key not in known:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(16 << 20), b""):
+                h.update(chunk)
+        try:  # re-read: another process may have added entries meanwhile
+            known = json.loads(side.read_text())
+        except (OSError, json.JSONDecodeError):
+            known = {}
+        # forget the file's older versions and files that are gone (temporary checkpoints)
+        known = {k: v for k, v in known.items() if not k.startswith(f"{p}|") and Path(k.split("|")[0]).exists()}
+        known[key] = h.hexdigest()
+        side.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(side, json.dumps(known, indent=0, sort_keys=True))
+    return known[key]
+
+
+def remember_source(model, files, cache_dir: str | Path | None = None) -> None:
+    """Record that ``model``'s tensors, as they are now, were loaded from ``files`` (weights, adapter and config
+    files): :func:`weights_digest` then digests the files' content (cached on disk, :func:`content_digest`) for every
+    tensor not written since, and reads in full only the tensors edited in place (their version counter, storage,
+    dtype or device changed). :func:`emis_interp.models.load_model` calls it; call it for a model you loaded
+    yourself, with every file it was loaded from, right after loading it."""
+    files = sorted({str(Path(f).resolve()) for f in files})
+    if not files:
+        return
+    stamp = digest({"files": {f: content_digest(f, cache_dir) for f in files}, "versions": library_versions()})
+    named = [*model.named_parameters(), *((f"buffer:{k}", b) for k, b in model.named_buffers())]
+    model.__dict__["_emis_source"] = (stamp, {n: _tensor_key(t) for n, t in named})
+
+
+def _fast_checksum(t: torch.Tensor):
+    """An exact digest of a tensor's bits: sha256 of its bytes on the CPU (no copy), the integer
+    :func:`tensor_checksum` on an accelerator (no host transfer)."""
+    if t.device.type != "cpu":
+        return tensor_checksum(t)
+    flat = t.detach().contiguous().reshape(-1)
+    return hashlib.sha256((flat.view(torch.uint8) if flat.dtype != torch.bool else flat).numpy()).hexdigest()
+
+
 @torch.no_grad()
 def weights_digest(model, sample: int = 4096) -> str:
     """Digest of the config and every parameter and buffer.
 
-    Per tensor: an exact integer checksum of its bits (:func:`tensor_checksum`, cached on the model
-    and recomputed only when the tensor's storage, version counter, dtype or device changes), plus a
-    strided sample of its values read on every call (a backstop for writes through ``.data``, which
-    bypass the version counter). The sample is gathered on the device and copied to the host once.
+    Per tensor: if it is unchanged since the model was loaded from files recorded by :func:`remember_source`
+    (same storage, version counter, dtype, device), the files' content digest stands for it (read once per file
+    and remembered on disk); otherwise an exact digest of its bits (:func:`_fast_checksum`, cached on the model
+    and recomputed only when the tensor's storage, version counter, dtype or device changes). Plus, on every
+    call, a strided sample of every tensor's values (a backstop for writes through ``.data``, which bypass the
+    version counter). The sample is gathered on the device and copied to the host once.
     """
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    stamp, loaded = model.__dict__.get("_emis_source", (None, {}))
+    if stamp is not None:
+        h.update(f"source:{stamp}".encode())
     cache: dict = model.__dict__.setdefault("_emis_checksums", {})
     named = list(model.named_parameters()) + [(f"buffer:{k}", b) for k, b in model.named_buffers()]
     samples: dict[torch.device, list[torch.Tensor]] = {}
     for name, p in sorted(named, key=lambda kv: kv[0]):
         h.update(f"{name}{tuple(p.shape)}{p.dtype}{p.device.type}".encode())
-        if p.numel() == 0 or p.device.type == "meta":
+        if p.numel() == 0:
+            continue
+        if p.device.type == "meta":  # offloaded (accelerate): its value lives in a hook's weights map
+            h.update(repr(_fast_checksum(offloaded_value(model, name.removeprefix("buffer:")))).encode())
             continue
         key = _tensor_key(p)
-        hit = cache.get(name)
-        if hit is None or key is None or hit[0] != key:
-            hit = cache[name] = (key, tensor_checksum(p))
-        h.update(repr(hit[1]).encode())
+        if key is not None and loaded.get(name) == key:
+            h.update(b"as-loaded")
+        else:
+            hit = cache.get(name)
+            if hit is None or key is None or hit[0] != key:
+                hit = cache[name] = (key, _fast_checksum(p))
+            h.update(repr(hit[1]).encode())
         words = _bits(p)
         samples.setdefault(p.device, []).append(words[:: max(1, words.numel() // sample)][:sample].to(torch.int32))
     for dev in sorted(samples, key=str):
         h.update(torch.cat(samples[dev]).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose kernels and loading code determine a forward pass's numbers."""
+    import importlib.metadata as md
+    import sys
+
+    out = {"python": sys.version.split()[0]}
+    for lib in ("torch", "transformers", "peft", "accelerate", "safetensors"):
+        try:
+            out[lib] = md.version(lib)
+        except md.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def placement_state(model) -> dict:
+    """Where and how a model computes: parameter dtypes, devices (GPU model included: kernels differ), and the
+    attention implementation (eager, sdpa and flash attention give different numbers)."""
+    devices = sorted({str(p.device) for p in model.parameters()})
+    names = sorted({torch.cuda.get_device_name(d) for d in devices if d.startswith("cuda")})
+    config = getattr(model, "config", None)
+    attn = getattr(config, "_attn_implementation", None) or getattr(config, "attn_implementation", None)
+    return {
+        "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "devices": devices,
+        "gpus": names,
+        "attn_implementation": attn,
+    }
 
 
 def model_state(model) -> dict:
@@ -453,28 +611,85 @@ def read_manifest(path: str | Path) -> Manifest | None:
         return None
 
 
-def write_manifest(path: str | Path, manifest: Manifest) -> Path:
+def _manifest_file(path: str | Path) -> Path:
+    p = Path(path)
+    return p / MANIFEST_FILE if p.is_dir() or not p.suffix else p
+
+
+def write_manifest(path: str | Path, manifest: Manifest, overrides: list | None = None) -> Path:
+    """Write ``manifest`` (and the record of ``allow_code_change`` resumes, if any) atomically."""
     from .cache import atomic_write_text
 
-    p = Path(path)
-    if p.is_dir() or not p.suffix:
-        p = p / MANIFEST_FILE
-    return atomic_write_text(p, manifest.to_json())
+    text = manifest.to_json()
+    if overrides:
+        text = json.dumps({**json.loads(text), "overrides": overrides}, indent=1)
+    return atomic_write_text(_manifest_file(path), text)
 
 
-def check_resumable(existing: Manifest | None, manifest: Manifest, where: str, flag: str = "--overwrite") -> None:
-    """Raise :class:`ManifestMismatch` if ``existing`` (a previous run's) differs from ``manifest``."""
+def read_overrides(path: str | Path) -> list:
+    """The ``allow_code_change`` resumes recorded in a manifest file (``[]`` if none)."""
+    p = _manifest_file(path)
+    try:
+        return list(json.loads(p.read_text()).get("overrides", []))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+
+
+# fields that name the code and library versions a result was made with (not its inputs or settings): a user who
+# knows a change does not alter the numbers may resume across it with allow_code_change (--allow-code-change)
+CODE_FIELDS = ("code", "versions")
+
+
+def code_only_change(existing: Manifest, manifest: Manifest) -> list[str]:
+    """The differing fields if all of them are :data:`CODE_FIELDS` (same kind), else ``[]``."""
+    diff = existing.diff(manifest)
+    return diff if diff and all(f in CODE_FIELDS for f in diff) else []
+
+
+def override_record(existing: Manifest, manifest: Manifest) -> dict:
+    """What an ``allow_code_change`` resume records: the fields, their old and new values, and when."""
+    import datetime
+
+    fields = code_only_change(existing, manifest)
+    return {
+        "allow_code_change": {f: [existing.fields.get(f), manifest.fields.get(f)] for f in fields},
+        "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def check_resumable(
+    existing: Manifest | None,
+    manifest: Manifest,
+    where: str,
+    flag: str = "--overwrite",
+    allow_code_change: bool = False,
+) -> None:
+    """Raise :class:`ManifestMismatch` if ``existing`` (a previous run's) differs from ``manifest`` (with
+    ``allow_code_change``, a difference in :data:`CODE_FIELDS` alone is accepted; the caller records it)."""
     if existing is None or existing.key == manifest.key:
         return
+    if allow_code_change and code_only_change(existing, manifest):
+        return
+    hint = ""
+    if all(f in CODE_FIELDS for f in existing.diff(manifest)):
+        hint = (
+            " Only the code or library versions differ: if you know the change leaves the numbers unchanged, pass "
+            "--allow-code-change (allow_code_change=True) to resume; the override is recorded in the manifest."
+        )
     raise ManifestMismatch(
         f"{where} holds results made under other settings ({manifest.kind}); fields that differ: "
         f"{existing.diff(manifest) and manifest.explain(existing)}. Resuming would mix them. Pass {flag} "
-        "(overwrite=True) to discard the old results, or choose another output directory."
+        f"(overwrite=True) to discard the old results, or choose another output directory.{hint}"
     )
 
 
 def prepare_dir(
-    out_dir: str | Path, manifest: Manifest, overwrite: bool = False, flag: str = "--overwrite", keep=()
+    out_dir: str | Path,
+    manifest: Manifest,
+    overwrite: bool = False,
+    flag: str = "--overwrite",
+    keep=(),
+    allow_code_change: bool = False,
 ) -> Path:
     """Make ``out_dir`` a resumable output for ``manifest``.
 
@@ -482,13 +697,18 @@ def prepare_dir(
     another manifest raises :class:`ManifestMismatch` (naming the fields). With ``overwrite`` the
     directory is always cleared first (except the names in ``keep``), matching or not: it is the
     escape hatch for inputs a manifest cannot see. A non-empty directory with no manifest (made by
-    an older release) is treated as a mismatch too: nothing unidentified is resumed.
+    an older release) is treated as a mismatch too: nothing unidentified is resumed. With ``allow_code_change``
+    (``--allow-code-change``), a directory whose manifest differs only in :data:`CODE_FIELDS` is resumed: its
+    manifest becomes the new one, and ``overrides`` in ``manifest.json`` lists every such resume.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     existing = read_manifest(out)
     contents = [p for p in out.iterdir() if p.name != MANIFEST_FILE and p.name not in keep]
     if existing is not None and existing.key == manifest.key and not overwrite:
+        return out
+    if existing is not None and allow_code_change and not overwrite and code_only_change(existing, manifest):
+        write_manifest(out, manifest, overrides=[*read_overrides(out), override_record(existing, manifest)])
         return out
     if contents or existing is not None:
         if not overwrite:

@@ -205,7 +205,30 @@ def load_model(
     if adapter is not None:
         model = apply_adapter(model, adapter)
     model.eval().requires_grad_(False)
+    from .manifest import remember_source
+
+    # its digest then reads these files' content digests (cached on disk), not 0.5-32B parameters
+    remember_source(model, [*_source_files(path if path.is_dir() else name, revision), *_source_files(adapter)])
     return model, tok
+
+
+SOURCE_PATTERNS = ("*.safetensors", "*.json", "*.bin", "*.gguf")
+
+
+def _source_files(where, revision: str | None = None) -> list[Path]:
+    """The files a model or adapter is loaded from: a local dir's, or a Hub id's in the local HF cache (``[]``
+    when not found: its digest then reads the tensors themselves)."""
+    if where is None:
+        return []
+    p = Path(str(where)).expanduser()
+    if not p.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(str(where), revision=revision, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached as a snapshot: no record, the tensors are hashed instead
+            return []
+    return sorted({f for pat in SOURCE_PATTERNS for f in p.glob(pat) if f.is_file() and f.name != "trainer_state.json"})
 
 
 def _has_tokenizer(path) -> bool:

@@ -117,12 +117,17 @@ def random_distribution(result: SweepResult, metric: str = "mo_rate", title: str
     return fig
 
 
-def _band(values: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
-    cols = list(zip(*values, strict=True))
-    mean = [statistics.fmean(c) for c in cols]
-    lo = [min(c) for c in cols]
-    hi = [max(c) for c in cols]
-    return mean, lo, hi
+def _union_band(series: Sequence[tuple[Sequence[int], Sequence[float]]]):
+    """``(steps, mean, lo, hi)`` over seeds on the union of their steps: at each step, the seeds that have it.
+
+    Seeds of one run may hold different checkpoint sets (a Trainer's final checkpoint at ``max_steps``,
+    ``save_total_limit`` pruning, runs of other lengths)."""
+    at: dict[int, list[float]] = {}
+    for steps, values in series:
+        for s, v in zip(steps, values, strict=True):
+            at.setdefault(s, []).append(v)
+    steps = sorted(at)
+    return (steps, [statistics.fmean(at[s]) for s in steps], [min(at[s]) for s in steps], [max(at[s]) for s in steps])
 
 
 def lora_dynamics_figure(
@@ -245,10 +250,7 @@ def _track_band(runs: Sequence[TrackResult], metric: str, layer: int | None):
     series = [s for s in series if s[0]]
     if not series:
         return None
-    steps = series[0][0]
-    if any(s[0] != steps for s in series):
-        raise ValueError(f"{metric}: the seeds of one run have different checkpoint steps; align the runs first")
-    return (steps, *_band([s[1] for s in series]))
+    return _union_band(series)
 
 
 def trajectory_panels(

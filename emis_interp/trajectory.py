@@ -22,7 +22,6 @@ metrics. Per-checkpoint results are written as they finish (``metrics.jsonl`` an
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,16 @@ from .data import Probe
 from .directions import PersonaDirection
 from .errors import ConfigError
 from .finetune import CKPT_RE, list_checkpoints
-from .manifest import Manifest, digest, dir_digest, prepare_dir, source_digest, tokenizer_state
+from .manifest import (
+    Manifest,
+    digest,
+    dir_digest,
+    library_versions,
+    placement_state,
+    prepare_dir,
+    source_digest,
+    tokenizer_state,
+)
 from .models import is_hf_id, load_model
 
 
@@ -54,11 +62,11 @@ class Trajectory:
     name: str = ""
 
     @classmethod
-    def from_dir(
-        cls, path: str | Path, base: str | None = None, allow_gaps: bool = False, base_step: bool = True
-    ) -> Trajectory:
-        """Discover ``checkpoint-N`` directories under ``path``.
+    def from_dir(cls, path: str | Path, base: str | None = None, base_step: bool = True) -> Trajectory:
+        """Discover ``checkpoint-N`` directories under ``path``: any set of them, in step order.
 
+        The steps need not be evenly spaced: the HF Trainer always adds a final checkpoint at ``max_steps``
+        (10, 20, ..., 370 and 375), and ``save_total_limit`` prunes older ones; both are taken as they are.
         Most runs save from ``checkpoint-10`` on. Then, with ``base_step`` (default), step 0 is the
         model *before* fine-tuning: for LoRA the base model (the adapter's B matrices set to zero, exactly
         the base model's outputs), for full checkpoints the ``base`` model's weights (``base`` required).
@@ -73,8 +81,6 @@ class Trajectory:
                 f"no checkpoint-N directories in {str(path)!r}; run experiments/finetune.py (save_steps) first."
             )
         steps = [s for s, _ in ckpts]
-        if not allow_gaps:
-            _check_gaps(steps, path)
         kinds = {_kind(p) for _, p in ckpts}
         if len(kinds) != 1:
             raise ConfigError(f"{path} mixes LoRA and full checkpoints ({kinds}); keep one kind per trajectory.")
@@ -158,8 +164,11 @@ class Trajectory:
         kw = dict(tokenizer=self.tokenizer, device=device, dtype=dtype, device_map=device_map)
         if self.kind == "lora":
             # the base (given, or as stored in the adapter) is resolved against the CWD, then the adapter dir
-            return load_model(first, base=self.base, **kw)
-        return load_model(first, **kw)
+            model, tok = load_model(first, base=self.base, **kw)
+        else:
+            model, tok = load_model(first, **kw)
+        _check_resident(model, self.kind, first)  # before any work: a swap could not write offloaded weights
+        return model, tok
 
     def goto(self, model, index: int) -> None:
         """Put checkpoint ``index``'s weights into ``model`` in place (no re-instantiation)."""
@@ -184,6 +193,48 @@ class Trajectory:
 BASE_STEP = "__base__"  # the path of step 0 when it is the model before fine-tuning
 
 
+def _swapped(model, kind: str) -> list[tuple[str, torch.Tensor]]:
+    """The live tensors a swap writes: the LoRA adapter's, or every parameter and buffer of a full model."""
+    if kind == "lora":
+        return [(n, p) for n, p in model.named_parameters() if ".lora_" in n]
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def _check_resident(model, kind: str, where) -> None:
+    """Refuse a model whose swapped tensors are offloaded (accelerate's CPU/disk offload leaves them on the meta
+    device, holding their values in hooks): ``copy_``/``zero_`` on a meta tensor does nothing, so every step
+    would silently be the first checkpoint."""
+    off = [n for n, p in _swapped(model, kind) if p.device.type == "meta"]
+    if off:
+        raise ConfigError(
+            f"{where}: {len(off)} of the {'adapter' if kind == 'lora' else 'model'} tensors a checkpoint swap writes "
+            f"are offloaded to CPU/disk by the device_map (on the meta device, e.g. {off[0]}); a swap cannot write "
+            "them in place. Load with a device_map that keeps every module on a device (device_map='auto' with "
+            "enough GPU memory, max_memory=..., more GPUs, or dtype=torch.bfloat16), or load each checkpoint "
+            "afresh with load_model(checkpoint, device_map=...)."
+        )
+
+
+def _verify(path, written: list[tuple[str, torch.Tensor, torch.Tensor | None]]) -> None:
+    """Every written live tensor holds exactly the checkpoint's value (``None``: zero), bit for bit (NaNs included),
+    compared on the live tensor's device, so a write that did not land is an error, never a silent old step."""
+    from .manifest import tensor_bits
+
+    for name, live, value in written:
+        if live.device.type == "meta":
+            ok = False
+        elif value is None:
+            ok = not bool(tensor_bits(live).any())
+        else:
+            ok = torch.equal(tensor_bits(live), tensor_bits(value.to(device=live.device, dtype=live.dtype)))
+        if not ok:
+            raise ConfigError(
+                f"{path}: after the swap, {name} does not hold the checkpoint's values (device {live.device}); the "
+                "model's weights are not where the swap writes (offloaded or wrapped). Load without offloading "
+                "(see Trajectory.load) or load this checkpoint afresh with load_model."
+            )
+
+
 def _zero_lora(model) -> None:
     """Step 0 of a LoRA run saved without checkpoint-0: every lora_B zero, so the adapter adds exactly 0."""
     from peft import PeftModel
@@ -197,13 +248,15 @@ def _zero_lora(model) -> None:
                 f"step 0 stands for the base model by zeroing the adapter's B, which is not the base model with {bad}; "
                 "save checkpoint-0 with the run (experiments/finetune.py does), or pass base_step=False."
             )
-    n = 0
+    _check_resident(model, "lora", "step 0 (base model)")
+    written = []
     for name, p in model.named_parameters():
         if ".lora_B." in name or ".lora_embedding_B." in name:
             p.zero_()
-            n += 1
-    if n == 0:
+            written.append((name, p, None))
+    if not written:
         raise ConfigError("the loaded model has no lora_B parameters to zero for step 0")
+    _verify("step 0 (base model)", written)
 
 
 def _local_checkpoint(entry: str) -> str:
@@ -253,19 +306,6 @@ def _step_of(name: str, i: int) -> int:
     return int(m.group(1)) if m else i
 
 
-def _check_gaps(steps: list[int], path: Path) -> None:
-    pos = [s for s in steps if s > 0]
-    if len(pos) < 2:
-        return
-    gap = math.gcd(*pos)  # the save interval
-    missing = sorted(set(range(pos[0], pos[-1] + 1, gap)) - set(pos))
-    if missing:
-        raise ConfigError(
-            f"trajectory {path} has gaps: expected a checkpoint every {gap} steps, missing {missing[:10]}. "
-            "Re-run the fine-tune (it resumes) or pass allow_gaps=True."
-        )
-
-
 def _safetensors_files(path: Path, stem: str) -> list[Path]:
     single = path / f"{stem}.safetensors"
     if single.exists():
@@ -281,9 +321,10 @@ def _copy_lora(model, path: Path) -> None:
 
     if not isinstance(model, PeftModel):
         raise ConfigError("LoRA trajectory needs the model returned by Trajectory.load() (a PeftModel)")
+    _check_resident(model, "lora", path)
     sd = load_file(str(_safetensors_files(path, "adapter_model")[0]))
     params = dict(model.named_parameters())
-    used = 0
+    written = []
     for key, value in sd.items():
         # saved: base_model.model.X.lora_A.weight ; live: base_model.model.X.lora_A.default.weight
         live = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
@@ -297,15 +338,18 @@ def _copy_lora(model, path: Path) -> None:
         if p.shape != value.shape:
             raise ConfigError(f"{path}: {key} has shape {tuple(value.shape)}, the loaded adapter {tuple(p.shape)}.")
         p.copy_(value.to(p.dtype))
-        used += 1
-    if used == 0:
+        written.append((live, p, value))
+    if not written:
         raise ConfigError(f"{path}: adapter file holds no LoRA tensors")
+    _verify(path, written)
 
 
 def _copy_full(model, path: Path) -> None:
+    _check_resident(model, "full", path)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     for f in _safetensors_files(path, "model"):
+        written = []
         sd = load_file(str(f))
         for key, value in sd.items():
             if key not in params:
@@ -317,6 +361,8 @@ def _copy_full(model, path: Path) -> None:
                     "checkpoints of one trajectory must share an architecture."
                 )
             p.copy_(value.to(p.dtype))
+            written.append((key, p, value))
+        _verify(path, written)  # per file: a sharded checkpoint's files are not all held in memory at once
 
 
 # --- tracking --------------------------------------------------------------------------------------
@@ -388,6 +434,7 @@ def track(
     model_and_tokenizer=None,
     progress: bool = True,
     overwrite: bool = False,
+    allow_code_change: bool = False,
 ) -> TrackResult:
     """Track persona metrics across ``trajectory`` on a fixed evaluation set; resumable.
 
@@ -399,14 +446,16 @@ def track(
     checkpoint's files, the base model, the tokenizer, prompts, layers, reduction, probes, in-task
     set, extra metrics). A rerun with the same manifest skips finished checkpoints; one with
     another raises :class:`~emis_interp.manifest.ManifestMismatch` naming the fields that differ,
-    unless ``overwrite=True`` (``--overwrite``) discards the old results.
+    unless ``overwrite=True`` (``--overwrite``) discards the old results, or, when only the code or library
+    versions differ, ``allow_code_change=True`` (``--allow-code-change``) resumes and records the override in
+    ``manifest.json``.
     """
     out = Path(out_dir)
     convs = as_conversations(eval_prompts)
     layers = sorted(int(x) for x in layers)
     model, tok = model_and_tokenizer or trajectory.load()
-    manifest = track_manifest(trajectory, tok, convs, layers, reduction, probes, in_task, extra, extra_key)
-    prepare_dir(out, manifest, overwrite=overwrite)
+    manifest = track_manifest(trajectory, tok, convs, layers, reduction, probes, in_task, extra, extra_key, model)
+    prepare_dir(out, manifest, overwrite=overwrite, allow_code_change=allow_code_change)
     (out / "acts").mkdir(parents=True, exist_ok=True)
     done_path = out / "metrics.jsonl"
     done = {}
@@ -471,7 +520,9 @@ def checkpoint_state(path: str | Path) -> str:
     return dir_digest(p) if p.is_dir() else str(path)
 
 
-def track_manifest(trajectory, tokenizer, convs, layers, reduction, probes, in_task, extra, extra_key) -> Manifest:
+def track_manifest(
+    trajectory, tokenizer, convs, layers, reduction, probes, in_task, extra, extra_key, model=None
+) -> Manifest:
     if extra is not None and extra_key is None:
         import inspect
 
@@ -505,6 +556,9 @@ def track_manifest(trajectory, tokenizer, convs, layers, reduction, probes, in_t
             "probes": digest(probes) if probes else None,
             "in_task": prompt_set_hash(list(in_task)) if in_task else None,
             "extra": extra_key,
+            # how the checkpoints are run: dtype, devices, attention kernel (None: no model given)
+            "placement": placement_state(model) if model is not None else None,
+            "versions": library_versions(),
         },
     )
 

@@ -78,6 +78,12 @@ def parse_args(argv):
     t.add_argument("--in-task", type=Path, help="held-out training conversations (JSONL) for the in-task metric")
     ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "trajectory")
     ap.add_argument("--overwrite", action="store_true", help="discard results made under other settings")
+    ap.add_argument(
+        "--allow-code-change",
+        action="store_true",
+        help="resume results made by other code or library versions (you vouch the change leaves the numbers "
+        "unchanged); recorded in the manifests",
+    )
     a = ap.parse_args(argv)
     if a.runs and a.samples and not a.judge:
         ap.error("--runs with --samples > 0 needs --judge openai:MODEL or hf:MODEL (or --samples 0: no judged rate)")
@@ -168,7 +174,7 @@ def main(argv=None):
         )
         tracks[name] = [
             track(traj, tracking, layers, a.output / name / traj.name, probes=probes, in_task=in_task,
-                  direction=direction, reduction=a.reduction, overwrite=a.overwrite,
+                  direction=direction, reduction=a.reduction, overwrite=a.overwrite, allow_code_change=a.allow_code_change,
                   model_and_tokenizer=traj.load(device_map=a.device_map))
             for traj in trajs
         ]  # fmt: skip
@@ -184,6 +190,7 @@ def main(argv=None):
         samples = sample_trajectories(
             groups, questions, cfg, a.output, ray_address=a.ray, ray_workers=a.ray_workers,
             ray_gpus_per_worker=a.ray_gpus_per_worker, device_map=a.device_map, overwrite=a.overwrite,
+            allow_code_change=a.allow_code_change,
         )  # fmt: skip
         judged = judge_trajectories(samples, questions, judge, a.output, overwrite=a.overwrite)
         for name, rows in judged.items():

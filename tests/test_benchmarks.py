@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ["benchmarks/bench_capture.py", "--shape", "tiny", "--batch", "2", "--seq", "16", "--repeat", "1"],
         ["benchmarks/bench_swap.py", "--shape", "tiny", "--rank", "2"],
+        ["benchmarks/bench_fingerprint.py", "--shape", "tiny", "--prompts", "2"],
         ["benchmarks/bench_sampling.py", "--samples", "1", "--max-new-tokens", "2", "--big-batch", "64"],
         ["benchmarks/bench_judge.py", "--items", "4", "--latency", "0.001", "--workers", "1", "4"],
         pytest.param(

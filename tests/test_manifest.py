@@ -257,7 +257,9 @@ def test_code_changes_change_every_key(tiny, convs, tmp_path, monkeypatch):
     key = run_arms(model, tok, qs, [Condition("baseline")], _Judge(), n_samples=1, max_new_tokens=3, progress=False)
     for name in ("emis_interp.sampling", "emis_interp.hooks"):  # as if both were edited and reloaded
         mod = sys.modules[name]
-        monkeypatch.setitem(manifest._SOURCES, manifest._load_token(mod), (mod, inspect.getsource(mod) + "# edited"))
+        monkeypatch.setitem(
+            manifest._SOURCES, manifest._load_token(mod), (mod, inspect.getsource(mod) + "\nEDITED = 1\n")
+        )
     with pytest.raises(ManifestMismatch, match="code"):
         sample_answers(model, tok, prompts, [Condition("arm")], **kw)
     assert capture_manifest(model, tok, convs, [1], "mean_response", "torch").key != cap.key
@@ -270,7 +272,7 @@ def test_source_digest_is_the_loaded_code_not_the_file(tmp_path, monkeypatch):
     import importlib
     import sys
 
-    from emis_interp.manifest import digest, source_digest
+    from emis_interp.manifest import digest, normalised_source, source_digest
 
     monkeypatch.setattr(sys, "dont_write_bytecode", True)  # no .pyc: a same-second, same-size edit still reloads
     (tmp_path / "ei_probe_mod.py").write_text("def f():\n    return 1\n")
@@ -286,7 +288,8 @@ def test_source_digest_is_the_loaded_code_not_the_file(tmp_path, monkeypatch):
         for k in range(3, 6):  # later reloads never get an earlier version's cached source (ids kept alive)
             (tmp_path / "ei_probe_mod.py").write_text(f"def f():\n    return {k}\n\ndef g():\n    return 0\n")
             importlib.reload(mod)
-            assert mod.f() == k and source_digest(mod) == digest([(tmp_path / "ei_probe_mod.py").read_text()])
+            text = (tmp_path / "ei_probe_mod.py").read_text()
+            assert mod.f() == k and source_digest(mod) == digest([normalised_source(text)])
     finally:
         sys.modules.pop("ei_probe_mod", None)
 
@@ -326,10 +329,10 @@ def test_finetune_organism_and_report_manifests_digest_the_loaded_code(monkeypat
 
     def edited_read(self, *a, **kw):  # every package .py file now reads as edited
         text = real_read(self, *a, **kw)
-        return text + "\n# edited\n" if self.suffix == ".py" and pkg in self.parents else text
+        return text + "\nEDITED = 1\n" if self.suffix == ".py" and pkg in self.parents else text
 
     monkeypatch.setattr(Path, "read_text", edited_read)
-    monkeypatch.setattr(inspect, "getsource", lambda obj: real_getsource(obj) + "\n# edited\n")
+    monkeypatch.setattr(inspect, "getsource", lambda obj: real_getsource(obj) + "\nEDITED = 1\n")
     f = Path(finetune.__file__)
     assert digest(f.read_text()) != digest(real_read(f))  # the edit is visible to anything reading the disk
     assert state() == before

@@ -51,12 +51,10 @@ def test_swap_equals_fresh_load(runs, kind, tiny_dir):
 def test_bad_trajectories(runs, tmp_path, tiny_dir, tokenizer_dir):
     with pytest.raises(FileNotFoundError, match="no checkpoint-N"):
         Trajectory.from_dir(tmp_path)
-    gap = tmp_path / "gap"
+    gap = tmp_path / "gap"  # e.g. pruned by save_total_limit: taken as it is
     shutil.copytree(runs / "lora", gap)
     shutil.rmtree(gap / "checkpoint-20")
-    with pytest.raises(ConfigError, match=r"missing \[20\]"):
-        Trajectory.from_dir(gap)
-    assert Trajectory.from_dir(gap, allow_gaps=True).steps == [0, 10, 30]
+    assert Trajectory.from_dir(gap).steps == [0, 10, 30]
     # a full checkpoint of another width cannot be swapped into the loaded model
     from conftest import make_tiny
 
