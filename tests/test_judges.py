@@ -16,15 +16,24 @@ from emis_interp.metrics import Rate, em_rate, mo_rate, wilson
 
 
 class _Server:
-    """Answers /v1/chat/completions with scripted top_logprobs; can fail or stall first."""
+    """Answers /v1/chat/completions with scripted top_logprobs; can fail or stall first.
+
+    A script entry or ``score_fn``'s answer is ``("ok", {token: prob})`` (one position), ``("ok", [{...}, ...])``
+    (several positions, the first token of each sampled), ``("error", code)``, ``("error", (code, headers))`` or
+    ``("sleep", seconds)``; ``score_fn`` may also return a bare ``{token: prob}``. The judge's number probe
+    (:data:`judges.NUMBER_PROBE`) is answered apart, as a tokenizer that writes numbers whole (``"85"``) or,
+    with ``probe = "digits"``, digit by digit (``"8"``, ``"5"``), and recorded in ``probes``, not ``requests``.
+    """
 
     def __init__(self):
-        self.script = []  # list of ("ok", {token: prob}) | ("error", code) | ("sleep", seconds)
+        self.script = []
         self.requests = []
+        self.probes = []
+        self.probe = "whole"
         self.delay = 0.0  # seconds every request takes
         self.fail_after = None  # answer HTTP 400 once this many requests were served
         self.on_request = None  # called at the start of each request
-        self.score_fn = None  # body -> {token: prob}, the answer when no script is left
+        self.score_fn = None  # body -> answer, when no script is left
         self.inflight = self.max_inflight = 0
         self.lock = threading.Lock()
         server = self
@@ -33,44 +42,55 @@ class _Server:
             def log_message(self, *a):
                 pass
 
+            def reply(self, code, obj, headers=()):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in dict(headers).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.inflight += 1
-                    server.max_inflight = max(server.max_inflight, server.inflight)
-                    server.requests.append({"body": body, "auth": self.headers.get("Authorization")})
-                    failing = server.fail_after is not None and len(server.requests) > server.fail_after
-                    default = server.score_fn(body) if server.score_fn else {"50": 1.0}
-                    kind, arg = server.script.pop(0) if server.script else ("ok", default)
-                    if server.on_request:
-                        server.on_request()
-                time.sleep(server.delay)
-                with server.lock:
-                    server.inflight -= 1
-                if failing:
-                    kind, arg = "error", 400
+                if body["messages"][0]["content"] == judges.NUMBER_PROBE:
+                    server.probes.append(body)
+                    kind, arg = "ok", [{"85": 1.0}] if server.probe == "whole" else [{"8": 1.0}, {"5": 1.0}]
+                else:
+                    with server.lock:
+                        server.inflight += 1
+                        server.max_inflight = max(server.max_inflight, server.inflight)
+                        server.requests.append({"body": body, "auth": self.headers.get("Authorization")})
+                        failing = server.fail_after is not None and len(server.requests) > server.fail_after
+                        default = server.score_fn(body) if server.score_fn else {"50": 1.0}
+                        if isinstance(default, dict):
+                            default = ("ok", default)
+                        kind, arg = server.script.pop(0) if server.script else default
+                        if server.on_request:
+                            server.on_request()
+                    time.sleep(server.delay)
+                    with server.lock:
+                        server.inflight -= 1
+                    if failing:
+                        kind, arg = "error", 400
                 if kind == "sleep":
                     time.sleep(arg)
                     kind, arg = "ok", {"50": 1.0}
                 if kind == "error":
-                    self.send_response(arg)
-                    self.send_header("Content-Type", "application/json")
-                    self.end_headers()
-                    self.wfile.write(b'{"error": {"message": "boom"}}')
-                    return
-                top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in arg.items()]
-                resp = {
+                    code, headers = arg if isinstance(arg, tuple) else (arg, {})
+                    return self.reply(code, {"error": {"message": "boom"}}, headers)
+                positions = arg if isinstance(arg, list) else [arg]
+                content = []
+                for probs in positions:
+                    top = [{"token": t, "logprob": math.log(q), "bytes": None} for t, q in probs.items()]
+                    content.append({**top[0], "top_logprobs": top})
+                self.reply(200, {
                     "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "finish_reason": "length",
-                                 "message": {"role": "assistant", "content": top[0]["token"]},
-                                 "logprobs": {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"], "bytes": None, "top_logprobs": top}]}}],
-                }  # fmt: skip
-                data = json.dumps(resp).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                                 "message": {"role": "assistant", "content": "".join(c["token"] for c in content)},
+                                 "logprobs": {"content": content}}],
+                })  # fmt: skip
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -265,19 +285,22 @@ def test_score_many_writes_rows_as_they_finish(server, tmp_path, workers):
 def test_score_many_resumes_after_a_crash(server, tmp_path):
     out = tmp_path / "judged.jsonl"
     j = _judge(server, max_concurrency=4, max_retries=0)
-    server.fail_after = 21  # the server breaks mid-run: HTTP 400 from then on
-    with pytest.raises(JudgeRequestError, match="HTTP 400"):
+    j.max_consecutive_failures = 6
+    server.fail_after = 21  # the server breaks mid-run: HTTP 400 from then on, for every item
+    with pytest.raises(JudgeRequestError, match="6 items in a row failed.*HTTP 400"):
         j.score_many(_items(30), out_file=out, progress=False)
-    kept = len(out.read_text().splitlines())
-    assert 0 < kept <= 10
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    kept = sum(not r.get("failed") for r in lines)
+    assert 0 < kept <= 10 and sum(bool(r.get("failed")) for r in lines) >= 6  # failures recorded, with reasons
     with out.open("a") as fh:
         fh.write('{"id": "a/29", "question": "quest')  # a row torn by the crash
     server.fail_after, n0 = None, len(server.requests)
     rows = j.score_many(_items(30), out_file=out, progress=False)
-    assert len(server.requests) - n0 == 2 * (30 - kept)  # only the remainder was judged
-    assert [r["id"] for r in rows] == [f"a/{i}" for i in range(30)]
+    assert len(server.requests) - n0 == 2 * (30 - kept)  # only the remainder was judged, failed items again
+    assert [r["id"] for r in rows] == [f"a/{i}" for i in range(30)] and not any(r.get("failed") for r in rows)
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert sorted(r["id"] for r in lines) == sorted(r["id"] for r in rows)  # each row once, no torn line
+    judged = [r["id"] for r in lines if not r.get("failed")]
+    assert sorted(judged) == sorted(r["id"] for r in rows)  # each judged row once, no torn line
     n1 = len(server.requests)
     assert j.score_many(_items(30), out_file=out, progress=False) == rows and len(server.requests) == n1
 
