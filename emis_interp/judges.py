@@ -28,6 +28,7 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -349,7 +350,8 @@ class OpenAIJudge(_PromptJudge):
     as one token, so one completion token's top-20 logprobs are the score distribution
     (:func:`aggregate_number_probs`). Qwen, Mistral and other tokenizers split numbers into single
     digits ("85" is "8", "5"): read that way, every score would fall in 0..9. ``numbers="auto"``
-    (default) asks the judge once to write ``85`` (:data:`NUMBER_PROBE`) and looks at its tokens:
+    (default) asks the judge once to write ``85`` (:data:`NUMBER_PROBE`) and looks at how the number in
+    its answer is tokenized:
 
     - ``"whole"`` (one token, e.g. ``"85"``): the EM paper's single-token scoring, unchanged.
     - ``"digits"`` (``"8"``, ``"5"``): the digit tree (:meth:`digit_tree`): the probability of each
@@ -407,6 +409,7 @@ class OpenAIJudge(_PromptJudge):
         self.max_retry_after, self.digit_eps = max_retry_after, digit_eps
         self._numbers = None if numbers == "auto" else numbers
         self._send_seed = True
+        self._probe_lock = threading.Lock()
         self._client = OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)  # retries: ours
 
     def __repr__(self) -> str:  # never the key
@@ -415,8 +418,9 @@ class OpenAIJudge(_PromptJudge):
     @property
     def numbers(self) -> str:
         """``"whole"`` or ``"digits"``: how this judge's tokenizer writes numbers (probed once if ``"auto"``)."""
-        if self._numbers is None:
-            self._numbers = self._probe_numbers()
+        with self._probe_lock:  # score_many's threads may ask at once: probe once
+            if self._numbers is None:
+                self._numbers = self._probe_numbers()
         return self._numbers
 
     def identity(self) -> dict:
@@ -433,9 +437,9 @@ class OpenAIJudge(_PromptJudge):
         toks = [t.token for t in (r.choices[0].logprobs.content or [])]
         i = next((k for k, t in enumerate(toks) if any(c.isdigit() for c in t)), None)
         first = toks[i].strip() if i is not None else ""
-        if first == "85":
+        if len(first) >= 2 and first.isdigit():  # a number in one token (e.g. "85")
             return "whole"
-        if first == "8" and i + 1 < len(toks) and toks[i + 1].strip().startswith("5"):
+        if _is_digit(first) and i + 1 < len(toks) and toks[i + 1][:1].isdigit():  # "8", "5"
             return "digits"
         raise ConfigError(
             f"{self._where()}: asked to write 85, it answered with tokens {toks!r}, so how it tokenizes numbers is "
