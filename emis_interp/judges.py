@@ -621,7 +621,13 @@ class HFJudge(_PromptJudge):
         j.name = f"hf:{name}"
 
         def load():
+            import gc
+
             from transformers import AutoModelForCausalLM
+
+            gc.collect()  # models the caller has dropped (e.g. the samplers) go before the judge comes in
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
             dev = device_map if isinstance(device_map, str) and device_map != "auto" else default_device()
             m = AutoModelForCausalLM.from_pretrained(

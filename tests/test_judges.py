@@ -637,3 +637,43 @@ def test_hf_judge_takes_any_causal_lm_loaded_on_first_use(llama_judge_dir):
     assert j.identity()["judge"] == f"hf:{llama_judge_dir}"
     with pytest.raises(judges.ConfigError, match="--judge-device"):
         judges.get_judge("openai:m", device_map="cuda:1")
+
+
+def test_hf_judge_loads_after_the_samplers_are_gone(tiny_dir, llama_judge_dir, tmp_path, monkeypatch):
+    """The trajectory flow builds the judge first and judges after sampling: the judge's weights load only
+    then, when no sampler (policy model, LoRA bank) is alive, so the two never crowd one GPU."""
+    import gc
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from emis_interp import organism
+    from emis_interp.behaviour import BehaviourConfig, CheckpointSampler, judge_trajectories, sample_trajectories
+    from emis_interp.trajectory import Trajectory
+
+    for step in (10, 20):  # a LoRA run saved from checkpoint-10 on: step 0 is the base model
+        torch.manual_seed(step)
+        pm = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_dir),
+            LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+        )
+        pm.peft_config["default"].base_model_name_or_path = str(tiny_dir)
+        pm.save_pretrained(tmp_path / "run" / f"checkpoint-{step}")
+    judge = judges.get_judge(f"hf:{llama_judge_dir}", device_map="cpu")
+    alive_at_load = []
+    real_loader = judge._loader
+
+    def loader():
+        m = real_loader()  # collects garbage first
+        alive_at_load.append(sum(isinstance(o, CheckpointSampler) for o in gc.get_objects()))
+        return m
+
+    judge._loader = loader
+    qs = organism.questions()[:1]
+    samples = sample_trajectories(
+        {"run": [Trajectory.from_dir(tmp_path / "run")]}, qs, BehaviourConfig(n_samples=1, max_new_tokens=2),
+        tmp_path / "out", progress=False,
+    )  # fmt: skip
+    assert judge._model is None and not alive_at_load
+    rows = judge_trajectories(samples, qs, judge, tmp_path / "out", progress=False)["run"]
+    assert alive_at_load == [0] and len(rows) == len(samples["run"]) == 3 * len(qs[0].conversations())
