@@ -54,7 +54,7 @@ class _Server:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if body["messages"][0]["content"] == judges.NUMBER_PROBE:
+                if body["messages"][0]["content"] == getattr(judges, "NUMBER_PROBE", None):
                     server.probes.append(body)
                     probe = {"whole": [{"85": 1.0}], "digits": [{"8": 1.0}, {"5": 1.0}]}
                     kind, arg = (
