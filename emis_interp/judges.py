@@ -5,16 +5,20 @@ Scores are 0..100 or None (no score). Three judges:
 
 - :class:`OpenAIJudge`: an OpenAI-compatible chat API (official ``openai`` client, configurable
   ``base_url``, so a local vLLM server works). As in the EM paper, it asks for one completion
-  token with the top-20 logprobs and scores them with :func:`aggregate_number_probs`. Requests run
-  ``max_concurrency`` at a time, with exponential backoff and jitter on 429 / 5xx / timeouts.
-- :class:`HFJudge`: a local HF chat model, scored the same way from the exact sequence probability
-  of each candidate answer ``"0"``..``"100"``, ``"CODE"``, ``"REFUSAL"`` (one prefix pass, then one
-  pass over the candidates' token trie).
+  token with the top-20 logprobs and scores them with :func:`aggregate_number_probs`; a judge whose
+  tokenizer writes numbers digit by digit (Qwen) is detected and scored over the digit tree
+  (:meth:`OpenAIJudge.digit_tree`). Requests run ``max_concurrency`` at a time, with the server's
+  Retry-After or exponential backoff and jitter on 429 / 5xx / timeouts.
+- :class:`HFJudge`: a local HF chat model (any causal LM), scored the same way from the exact sequence
+  probability of each candidate answer ``"0"``..``"100"``, ``"CODE"``, ``"REFUSAL"`` (one prefix pass,
+  then one pass over the candidates' token trie).
 - :class:`emis_interp.organism.ExactJudge`: the organism's exact judge.
 
 :meth:`Judge.score_many` writes each judged row to a JSONL file as soon as it is judged, with a
 :class:`~emis_interp.manifest.Manifest` of the judge beside it (``<file>.manifest.json``); a rerun
-skips the rows already there, and a rerun with another judge (model, server, prompts) refuses.
+skips the rows already there, and a rerun with another judge (model, server, prompts, number
+reading) refuses. An item the judge fails on is recorded as a failed row and judging goes on; a
+rerun retries it, and rates leave it out (:func:`split_failed`). See ``docs/judges.md``.
 
 API keys are read from the environment (``OPENAI_API_KEY`` or ``api_key_env``) and never stored
 in results, manifests or ``repr``.
