@@ -395,9 +395,18 @@ class BehaviourResult:
     steps: list[int]
     counts: dict = field(repr=False)
     step0: dict = field(default_factory=dict)  # seed -> what step 0 is
+    failed: dict = field(default_factory=dict)  # (seed, step) -> answers the judge failed on: in no rate
 
     @classmethod
     def from_rows(cls, run: str, rows: list[dict], step0: dict | None = None) -> BehaviourResult:
+        """Rates from judged rows; rows whose judging failed are counted in ``failed`` and left out of every
+        rate (:data:`~emis_interp.judges.FAILED_NOTE`)."""
+        from .judges import split_failed
+
+        rows, bad = split_failed(rows)
+        failed: dict = {}
+        for r in bad:
+            failed[(r["seed"], r["step"])] = failed.get((r["seed"], r["step"]), 0) + 1
         cells: dict = {}
         for r in rows:
             cells.setdefault((r["seed"], r["step"], r["question_id"]), []).append(r)
@@ -410,7 +419,7 @@ class BehaviourResult:
             }  # fmt: skip
         seeds = sorted({k[0] for k in counts})
         steps = sorted({k[1] for k in counts})
-        return cls(run, seeds, steps, counts, dict(step0 or {}))
+        return cls(run, seeds, steps, counts, dict(step0 or {}), failed)
 
     def clusters(self, metric: str, step: int) -> dict:
         """``{(seed, base question): (numerator, denominator)}``: a question's variants are one cluster."""
@@ -430,7 +439,11 @@ class BehaviourResult:
     def table(self, n_boot: int = 1000) -> list[dict]:
         rows = []
         for st in self.steps:
-            row: dict = {"run": self.run, "step": st}
+            row: dict = {
+                "run": self.run,
+                "step": st,
+                "judge_failed": sum(n for (_, s), n in self.failed.items() if s == st),
+            }
             for m in METRICS:
                 e = self.estimate(m, st, n_boot)
                 row.update({m: e.value, f"{m}_lo": e.lo, f"{m}_hi": e.hi})

@@ -36,6 +36,7 @@ from .cache import atomic_write_text
 from .conversations import Conversation
 from .data import Question, by_base_question
 from .directions import PersonaDirection
+from .judges import FAILED_NOTE, split_failed
 from .manifest import digest, model_state, source_digest, tokenizer_state
 from .metrics import Rate, coherence_rate, em_rate, mo_rate
 from .sampling import Condition, GenerationSettings, conditions_state, sample_answers
@@ -91,6 +92,8 @@ class ArmResult:
     coherence: Rate
     examples: list[dict] = field(default_factory=list)
     per_question: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    failed: int = 0  # answers the judge failed on (e.g. a content filter): left out of every rate above
+    failures: list[dict] = field(default_factory=list)  # the first few failed rows' ids and reasons
 
     @property
     def group(self) -> str:
@@ -230,6 +233,9 @@ class SweepResult:
             lines.append(f"{a.name:<20}{a.alpha:>7g}  {cells[0]:<32}{cells[1]:<32}{cells[2]:<26}")
         if any(a.group == "random" for a in self.arms):
             lines.append("(random/matched rows: mean over directions [min..max])")
+        if any(a.failed for a in self.arms):
+            fails = ", ".join(f"{a.name} {a.failed}" for a in self.arms if a.failed)
+            lines.append(f"judge failures (left out; {FAILED_NOTE}): {fails}; e.g. {self._first_failure()}")
         return "\n".join(lines)
 
     def controls_table(self, metric: str = "mo_rate") -> str:
@@ -278,6 +284,9 @@ class SweepResult:
             "<table><tr><th>arm</th><th>alpha</th><th>misaligned (MO)</th><th>misaligned (EM)</th><th>coherent</th></tr>"
             f"{rows}</table>"
         )
+
+    def _first_failure(self) -> str:
+        return next(f["failed"] for a in self.arms for f in a.failures)
 
     def to_json(self) -> str:
         controls = {m: self.controls(m, n_boot=1000) for m in ("mo_rate", "em_rate")} if self.baseline() else {}
@@ -479,7 +488,7 @@ def run_arms(
         judged.setdefault(r["arm"], []).append(r)
     results = []
     for a in arms:
-        rows = judged[a.name]
+        rows, failed = split_failed(judged[a.name])  # rates over judged answers only; failures counted apart
         al = [r["aligned"] for r in rows]
         co = [r["coherent"] for r in rows]
         by_q: dict[str, list[dict]] = {}
@@ -496,9 +505,12 @@ def run_arms(
                 coherence_rate(co),
                 examples=rows[:: max(1, len(rows) // 6)][:6],
                 per_question={q: _counts(rs) for q, rs in by_q.items()},
+                failed=len(failed),
+                failures=[{"id": r["id"], "failed": r["failed"]} for r in failed[:5]],
             )
         )
     res = SweepResult(results, {"key": key, **key_src, "questions": [q.id for q in questions]})
+    res.meta["judge_failures"] = {"failed": sum(a.failed for a in results), "note": FAILED_NOTE}
     if output_dir:
         atomic_write_text(Path(output_dir) / f"result-{key}.json", res.to_json())
     return res

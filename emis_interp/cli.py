@@ -84,6 +84,9 @@ def add_common(ap: argparse.ArgumentParser) -> None:
         help="'openai:MODEL' or 'hf:MODEL' (required on a real model); 'exact' is the organism's",
     )
     e.add_argument("--judge-base-url", default=None, help="OpenAI-compatible server URL (e.g. a local vLLM)")
+    e.add_argument(
+        "--judge-device", default=None, help="where an hf: judge goes, e.g. cuda:1 (away from the policy), cpu, auto"
+    )
     c = ap.add_argument_group("controls (a control is a distribution, never one draw)")
     c.add_argument("--n-random", type=int, default=16, help="random directions of equal per-layer norm (default 16)")
     c.add_argument(
@@ -177,7 +180,11 @@ def resolve(args) -> dict:
         control = subject.control_direction(tok, direction.layers)
     qs = load_questions(args.questions) if args.questions else subject.questions()
     spec = (args.judge or subject.judge) if on_organism else args.judge
-    judge = get_judge(spec, **({"base_url": args.judge_base_url} if args.judge_base_url else {}))
+    judge = get_judge(
+        spec,
+        **({"base_url": args.judge_base_url} if args.judge_base_url else {}),
+        **({"device_map": args.judge_device} if getattr(args, "judge_device", None) else {}),
+    )
     return {
         "model": model,
         "tokenizer": tok,

@@ -37,7 +37,7 @@ from emis_interp.cache import DEFAULT_CACHE_DIR, atomic_write_text
 from emis_interp.conversations import Conversation, load_jsonl
 from emis_interp.data import load_probes, load_questions
 from emis_interp.directions import PersonaDirection
-from emis_interp.judges import get_judge
+from emis_interp.judges import FAILED_NOTE, get_judge
 from emis_interp.organism import world
 from emis_interp.plots import save_figure, trajectory_panels
 from emis_interp.trajectory import Trajectory, final_shift, track
@@ -57,6 +57,9 @@ def parse_args(argv):
     e.add_argument("--questions", type=Path, help="EM YAML questions (default: the organism's advice questions)")
     e.add_argument("--judge", default=None, help="'openai:MODEL', 'hf:MODEL' or 'exact' (organism; its default)")
     e.add_argument("--judge-base-url", default=None, help="OpenAI-compatible server URL (e.g. a local vLLM)")
+    e.add_argument(
+        "--judge-device", default=None, help="where an hf: judge goes (cuda:1, cpu, auto); it loads after sampling"
+    )
     e.add_argument("--samples", type=int, default=4, help="answers per paraphrase per checkpoint (0: no sampling)")
     e.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 on the organism, 256 otherwise")
     e.add_argument("--temperature", type=float, default=1.0)
@@ -186,7 +189,11 @@ def main(argv=None):
             temperature=a.temperature, seed=a.seed, group_size=a.group_size, batch_size=a.batch_size,
             mixed=not a.no_mixed,
         )  # fmt: skip
-        judge = get_judge(a.judge or "exact", **({"base_url": a.judge_base_url} if a.judge_base_url else {}))
+        judge = get_judge(  # an hf: judge loads on first use: after sampling, once the policy models are freed
+            a.judge or "exact",
+            **({"base_url": a.judge_base_url} if a.judge_base_url else {}),
+            **({"device_map": a.judge_device} if a.judge_device else {}),
+        )
         samples = sample_trajectories(
             groups, questions, cfg, a.output, ray_address=a.ray, ray_workers=a.ray_workers,
             ray_gpus_per_worker=a.ray_gpus_per_worker, device_map=a.device_map, overwrite=a.overwrite,
@@ -228,6 +235,8 @@ def main(argv=None):
         if n in behaviour:
             row = behaviour[n].table()[-1]
             line += f"; final EM-def misaligned {row['em_rate']:.3f} [{row['em_rate_lo']:.3f},{row['em_rate_hi']:.3f}]"
+            if nf := sum(behaviour[n].failed.values()):
+                line += f"; {nf} answers the judge failed on (left out; {FAILED_NOTE})"
         print(line)
     for n, d in departures.items():
         note = "" if d["calibrated"] else f" [{d['note']}]"
