@@ -425,8 +425,11 @@ def content_digest(path: str | Path, cache_dir: str | Path | None = None) -> str
         # forget the file's older versions and files that are gone (temporary checkpoints)
         known = {k: v for k, v in known.items() if not k.startswith(f"{p}|") and Path(k.split("|")[0]).exists()}
         known[key] = h.hexdigest()
-        side.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(side, json.dumps(known, indent=0, sort_keys=True))
+        try:
+            side.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(side, json.dumps(known, indent=0, sort_keys=True))
+        except OSError:  # a read-only cache: the digest is right, only not remembered
+            pass
     return known[key]
 
 
