@@ -463,7 +463,7 @@ def register_judge(name: str, factory) -> None:
     JUDGES[name] = factory
 
 
-def get_judge(spec: str, **kw):
+def get_judge(spec: str | None, **kw):
     """``"openai:MODEL"``, ``"hf:PATH_OR_ID"`` or a registered name (``"exact"``: the model organism's, registered
     when :mod:`emis_interp.organism` is imported). There is no default: ``None`` is an error."""
     if spec is None:
