@@ -111,7 +111,7 @@ class PersonaDirection:
         which is our layer ``N`` (no offset). Layer 0 has no slot in the format and raises: pass
         ``layers=`` without it. Details and the source references: :mod:`emis_interp.interop`.
         """
-        from .interop import write_gguf_control_vector
+        from .interop import write_gguf_control_vector  # upward, allowed: interop owns the GGUF format
 
         return write_gguf_control_vector(self, path, layers, model_hint, scale, n_layers)
 

@@ -286,7 +286,7 @@ class LoraBank:
     @contextmanager
     def attach(self, model, names_per_row: Sequence[str | None]) -> Iterator[None]:
         """Run batch row ``b`` through adapter ``names_per_row[b]`` (hooks come off on exit)."""
-        from .interventions import Intervention
+        from .interventions import Intervention  # upward, allowed: attach is an Intervention holding the bank
 
         with Intervention(lora=(self, self.index(names_per_row))).attach(model):
             yield

@@ -537,7 +537,7 @@ def screen_datasets(
     (which clears it). Within a matching directory a dataset is reused only when its own manifest
     (those settings plus the data, and the own answers if given) matches; otherwise it is recomputed.
     """
-    from .plots import save_figure, screen_histogram
+    from .plots import save_figure, screen_histogram  # upward, allowed: the histogram is written with the CSV
 
     if not datasets:
         raise ValueError("no datasets to screen; pass {name: conversations or JSONL path}.")
