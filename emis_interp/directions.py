@@ -10,6 +10,16 @@ Three extraction methods, all difference-of-means over the residual stream (laye
 - :func:`system_prompt_contrast`: the same questions under an evil minus a helpful system prompt.
 
 :func:`rank_layers` scores how well each layer's direction separates the two sets.
+
+**Alpha units that travel.** :func:`emis_interp.steer` adds ``alpha * vector(l)``: raw units. Raw units do
+not travel: a model-diff's raw size depends on the fine-tune and the data, and a layer's residual norm on the model, so
+raw alpha = -4 breaks the organism's output and barely moves a real Qwen2.5. :func:`in_norm_units`
+rescales a direction so that its vector at layer ``l`` has norm ``NORM_UNIT`` (0.05) times the layer's
+median residual-token norm (:func:`residual_norms`, measured on the direction's data); steering with it
+at ``alpha`` then adds ``alpha * 0.05`` of the layer's typical norm, on any model. Its
+``meta["alpha_units"]`` records the norms and ``raw_per_unit`` per layer (one alpha = that many raw
+alphas), and its vectors are what a run's key digests, so a changed scale never reuses old results.
+``experiments/steer.py --alpha-units {norm,raw}`` picks one (``norm`` by default).
 """
 
 from __future__ import annotations
@@ -246,8 +256,8 @@ def residual_norms(
     """The median per-token residual norm after each layer in ``layers``: the "typical size" of that layer.
 
     Measured over the ``tokens="response"`` tokens of ``conversations`` (the tokens a model-diff direction
-    is averaged over; Qwen's first tokens carry outlier norms hundreds of times the median, which a median
-    over response tokens ignores), or over ``"prompt"`` tokens for bare prompts. fp32; no cache (one cheap pass).
+    is averaged over; a median, so that a few outlier tokens, such as the first token's large norm in
+    many LLMs, do not set the scale), or over ``"prompt"`` tokens for bare prompts. fp32; no cache (one pass).
     """
     from .capture import run_backend
     from .conversations import as_conversations, iter_batches

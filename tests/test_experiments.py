@@ -52,7 +52,8 @@ def test_sweep_is_monotone_and_reruns_reuse_work(tmp_path):
     import steer
 
     alphas = ["-4", "-2", "0", "2", "4"]
-    argv = ["--alpha", *alphas, "--output", str(tmp_path), "--n-random", "4", "--match-multipliers"]
+    argv = ["--alpha", *alphas, "--alpha-units", "raw", "--output", str(tmp_path), "--n-random", "4"]
+    argv += ["--match-multipliers"]
     res = steer.main(argv)
     persona = [res.arm("baseline") if a == "0" else res.arm(f"persona{float(a):+g}") for a in alphas]
     # among coherent answers (EM definition) never a significant decrease as alpha grows, and a significant rise
