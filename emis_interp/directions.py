@@ -14,9 +14,9 @@ Three extraction methods, all difference-of-means over the residual stream (laye
 **Alpha units that travel.** :func:`emis_interp.steer` adds ``alpha * vector(l)``: raw units. Raw units do
 not travel: a model-diff's raw size depends on the fine-tune and the data, and a layer's residual norm on the model, so
 raw alpha = -4 breaks the organism's output and barely moves a real Qwen2.5. :func:`in_norm_units`
-rescales a direction so that its vector at layer ``l`` has norm ``NORM_UNIT`` (0.05) times the layer's
+rescales a direction so that its vector at layer ``l`` has norm ``NORM_UNIT`` (0.1) times the layer's
 median residual-token norm (:func:`residual_norms`, measured on the direction's data); steering with it
-at ``alpha`` then adds ``alpha * 0.05`` of the layer's typical norm, on any model. Its
+at ``alpha`` then adds ``alpha * 0.1`` of the layer's typical norm, on any model. Its
 ``meta["alpha_units"]`` records the norms and ``raw_per_unit`` per layer (one alpha = that many raw
 alphas), and its vectors are what a run's key digests, so a changed scale never reuses old results.
 ``experiments/steer.py --alpha-units {norm,raw}`` picks one (``norm`` by default).
@@ -247,7 +247,7 @@ def system_prompt_contrast(
 # --- alpha units that travel between models ---------------------------------------------------------------
 
 ALPHA_UNITS = ("norm", "raw")
-NORM_UNIT = 0.05  # in "norm" units, alpha = 1 adds 5% of the layer's median residual-token norm
+NORM_UNIT = 0.1  # in "norm" units, alpha = 1 adds 10% of the layer's median residual-token norm
 
 
 def residual_norms(

@@ -16,12 +16,13 @@ alphas that cost as much coherence as the persona arm. Writes a JSON result (per
 "controls" with "random_directions" and "p_value") and a plotly figure to --output (default
 cache/steer), and prints a few unsteered and steered answers beside the table.
 
-Alpha units (--alpha-units): "norm" (default) adds alpha x 0.05 of the layer's median residual
+Alpha units (--alpha-units): "norm" (default) adds alpha x 0.1 of the layer's median residual
 norm along the direction (measured on the direction data's response tokens, recorded per layer in
 the result with the raw-alpha equivalent), so alpha means about the same push on the organism and on
 a real Qwen2.5; "raw" multiplies the direction's own vector (alpha = -4 removes four average
-fine-tuning shifts of a model-diff). On the organism the default layer and the norm unit were chosen
-on half of its questions, and the default run reports on the other half only (docs/quickstart.md).
+fine-tuning shifts of a model-diff). On the organism the default layer (1) and the norm unit were
+chosen on half of its questions, and the default run reports on the other half only (docs/quickstart.md).
+The sampled answers printed are for reading: a 0.5B model is no judge of them.
 """
 
 import argparse
@@ -34,6 +35,12 @@ from emis_interp.cli import add_common, resolve
 from emis_interp.conversations import load_jsonl, prompt_set_hash
 from emis_interp.directions import ALPHA_UNITS, NORM_UNIT, in_norm_units, residual_norms
 from emis_interp.plots import dose_response, save_figure
+
+# The organism's steering layer for this command, chosen with the alpha unit (directions.NORM_UNIT) on the half of
+# the organism's questions that the default run does not report (split_questions seed 0: money, ruler, ai, gender):
+# at alpha -4 (40% of the layer's median residual norm) layer 1 lowers misalignment most with coherence >= 0.95x the
+# unsteered model's (grid and rule: docs/quickstart.md)
+ORGANISM_LAYER = 1
 
 
 def main(argv=None):
@@ -76,10 +83,10 @@ def main(argv=None):
         # the organism's default layer and the norm unit were chosen on the other half (docs/quickstart.md)
         chosen_on, questions = split_questions(questions)
         held_out_note = (
-            f"questions: {[q.id for q in questions]} (the organism's default layer {organism.DEFAULT_LAYER} and the "
+            f"questions: {[q.id for q in questions]} (the organism's default layer {ORGANISM_LAYER} and the "
             f"alpha unit were chosen on the other half, {[q.id for q in chosen_on]}, which is not reported here)\n"
         )
-    layers = args.layers or ([organism.DEFAULT_LAYER] if r["on_organism"] else None)
+    layers = args.layers or ([ORGANISM_LAYER] if r["on_organism"] else None)
     if layers is None and not args.select_layers:
         raise SystemExit("error: pass --layers for a real model (e.g. the middle layer), or --select-layers")
     direction = scaled_direction(r, args, args.select_layers or layers)
