@@ -71,7 +71,9 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium to render in (Debian: apt-get install chromium; CI has it)")
+@pytest.mark.skipif(
+    _chromium() is None, reason="no Chromium to render in (Debian: apt-get install chromium; CI has it)"
+)
 def test_html_figure_is_drawn_in_headless_chromium(tmp_path):
     from emis_interp import plots
 
