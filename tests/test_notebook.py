@@ -25,7 +25,7 @@ def test_notebook_runs_and_shows_the_effect():
     print(summary)
     assert [0, "MLP"] in summary["top_components"]  # a component that writes the direction most (every seed)
     # among coherent answers the persona arm is beyond every random direction
-    assert summary["random_k_alpha-2"] == 16 and summary["random_p_value_em_alpha-2"] <= 1 / 17 + 1e-9
+    assert summary["random_k_alpha-4"] == 16 and summary["random_p_value_em_alpha-4"] <= 1 / 17 + 1e-9
     figs = [
         o
         for c in nb.cells
