@@ -64,3 +64,15 @@ def test_norm_alpha_equals_raw_alpha_times_the_recorded_factor(tiny, convs):
         c = model(**batch.model_inputs()).logits
     assert torch.allclose(a, b, atol=1e-4)
     assert not torch.allclose(a, c, atol=1e-3)  # and it does steer
+
+
+def test_a_changed_scale_never_shares_a_run_key():
+    from emis_interp.causality import steering_arms
+    from emis_interp.sampling import conditions_state
+
+    d = PersonaDirection(torch.randn(1, 16), [1])
+    states = [
+        conditions_state(steering_arms(x, [-4], n_random=2, match=()))
+        for x in (d, in_norm_units(d, {1: 10.0}), in_norm_units(d, {1: 12.0}), in_norm_units(d, {1: 10.0}, unit=0.2))
+    ]
+    assert len({repr(s) for s in states}) == 4  # raw, norm, another residual norm, another unit: four keys
