@@ -22,7 +22,8 @@ the result with the raw-alpha equivalent), so alpha means about the same push on
 a real Qwen2.5; "raw" multiplies the direction's own vector (alpha = -4 removes four average
 fine-tuning shifts of a model-diff). On the organism the default layer (1) and the norm unit were
 chosen on half of its questions, and the default run reports on the other half only (docs/quickstart.md).
-The sampled answers printed are for reading: a 0.5B model is no judge of them.
+Read the printed answers: on a real model they say more than a small self-judge's rates (a 0.5B model
+is no judge; use a strong --judge, or the judge-free log-prob probes, for numbers).
 """
 
 import argparse
@@ -64,6 +65,10 @@ def main(argv=None):
     )
     s.add_argument("--min-coherence", type=float, default=0.75, help="selection keeps coherence >= this x baseline")
     add_common(ap)
+    ap._option_string_actions["--layers"].help = (
+        f"layer to steer at (default on the organism: {ORGANISM_LAYER}, chosen on held-out questions; required on a "
+        "real model unless --select-layers)"
+    )
     args = ap.parse_args(argv)
     if (
         args.alpha_units == "norm"
