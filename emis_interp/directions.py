@@ -10,6 +10,16 @@ Three extraction methods, all difference-of-means over the residual stream (laye
 - :func:`system_prompt_contrast`: the same questions under an evil minus a helpful system prompt.
 
 :func:`rank_layers` scores how well each layer's direction separates the two sets.
+
+**Alpha units that travel.** :func:`emis_interp.steer` adds ``alpha * vector(l)``: raw units. Raw units do
+not travel: a model-diff's raw size depends on the fine-tune and the data, and a layer's residual norm on the model, so
+raw alpha = -4 breaks the organism's output and barely moves a real Qwen2.5. :func:`in_norm_units`
+rescales a direction so that its vector at layer ``l`` has norm ``NORM_UNIT`` (0.1) times the layer's
+median residual-token norm (:func:`residual_norms`, measured on the direction's data); steering with it
+at ``alpha`` then adds ``alpha * 0.1`` of the layer's typical norm, on any model. Its
+``meta["alpha_units"]`` records the norms and ``raw_per_unit`` per layer (one alpha = that many raw
+alphas), and its vectors are what a run's key digests, so a changed scale never reuses old results.
+``experiments/steer.py --alpha-units {norm,raw}`` picks one (``norm`` by default).
 """
 
 from __future__ import annotations
@@ -232,3 +242,71 @@ def system_prompt_contrast(
         "prompt_hash": prompt_set_hash(evil + good),
     }
     return _from_acts(pos, neg, meta)
+
+
+# --- alpha units that travel between models ---------------------------------------------------------------
+
+ALPHA_UNITS = ("norm", "raw")
+NORM_UNIT = 0.1  # in "norm" units, alpha = 1 adds 10% of the layer's median residual-token norm
+
+
+def residual_norms(
+    model, tokenizer, conversations, layers, *, batch_size: int = 16, tokens: str = "response"
+) -> dict[int, float]:
+    """The median per-token residual norm after each layer in ``layers``: the "typical size" of that layer.
+
+    Measured over the ``tokens="response"`` tokens of ``conversations`` (the tokens a model-diff direction
+    is averaged over; a median, so that a few outlier tokens, such as the first token's large norm in
+    many LLMs, do not set the scale), or over ``"prompt"`` tokens for bare prompts. fp32; no cache (one pass).
+    """
+    from .capture import run_backend
+    from .conversations import as_conversations, iter_batches
+    from .errors import check_nonempty
+    from .models import check_layers
+
+    if tokens not in ("response", "prompt"):
+        raise ValueError(f"tokens must be 'response' or 'prompt', got {tokens!r}")
+    convs = as_conversations(conversations)
+    check_nonempty(convs, "prompt set")
+    layers = check_layers(model, [int(x) for x in layers])
+    norms: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    for _, batch in iter_batches(tokenizer, convs, batch_size):
+        mask = batch.response_mask if tokens == "response" else batch.prompt_mask
+        if not mask.any():
+            raise ValueError(f"no {tokens} tokens in the conversations; pass tokens='prompt' for bare prompts")
+        out = run_backend(model, tokenizer, batch, layers)
+        for layer in layers:
+            h = out[layer].float().cpu()
+            norms[layer].append(h.norm(dim=-1)[mask.cpu()])
+    return {layer: float(torch.cat(v).median()) for layer, v in norms.items()}
+
+
+def in_norm_units(
+    direction: PersonaDirection, norms: dict[int, float], unit: float = NORM_UNIT, **provenance
+) -> PersonaDirection:
+    """``direction`` rescaled so that at each layer ``l`` its vector has norm ``unit * norms[l]``.
+
+    Steering with the result at ``alpha`` adds ``alpha * unit`` of the layer's typical residual norm
+    (``norms``, from :func:`residual_norms`) along the direction, whatever the direction's raw size:
+    the same alpha means about the same push on the organism and on a real Qwen2.5. ``meta["alpha_units"]``
+    records the unit, the residual norms, and per layer ``raw_per_unit`` (one alpha here = that many raw
+    alphas), so a raw-unit result can be compared; ``provenance`` (e.g. the prompt hash of the norm data)
+    is recorded beside them.
+    """
+    if not unit > 0:
+        raise ValueError(f"unit must be > 0 (a fraction of the residual norm), got {unit}")
+    missing = [layer for layer in direction.layers if layer not in norms]
+    if missing:
+        raise ValueError(f"no residual norm for layers {missing}; measure them with residual_norms(..., layers)")
+    raw = direction.norms()
+    vecs = torch.stack([direction.unit(layer) * unit * norms[layer] for layer in direction.layers])
+    scale = {
+        "units": "norm",
+        "unit": unit,
+        "residual_norm": {str(layer): norms[layer] for layer in direction.layers},
+        "raw_per_unit": {str(layer): unit * norms[layer] / raw[layer] for layer in direction.layers},
+        **provenance,
+    }
+    return PersonaDirection(
+        vecs.to(direction.vectors.dtype), list(direction.layers), {**direction.meta, "alpha_units": scale}
+    )

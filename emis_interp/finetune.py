@@ -644,7 +644,7 @@ def finetune(
     would push towards the trait). Its hooks are on only inside ``trainer.train()`` (removed on any
     exit): the step-0 checkpoint, every saved checkpoint and the model afterwards carry none.
     """
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     from .models import load_model, load_tokenizer
 
@@ -694,30 +694,32 @@ def finetune(
         model = _apply_lora(model, cfg, plan)
     _save_step0(model, tok, out, cfg)
 
-    args = TrainingArguments(
-        output_dir=str(out),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        lr_scheduler_type=cfg.lr_scheduler,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=None,
-        logging_steps=cfg.save_steps,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=plan.bf16_autocast,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=not progress,
-    )
+    with warnings.catch_warnings():  # transformers 5's renamed-argument FutureWarning is not the user's to fix
+        warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
+        args = TrainingArguments(
+            output_dir=str(out),
+            max_steps=cfg.max_steps,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            weight_decay=cfg.weight_decay,
+            lr_scheduler_type=cfg.lr_scheduler,
+            save_strategy="steps",
+            save_steps=cfg.save_steps,
+            save_total_limit=None,
+            logging_steps=cfg.save_steps,
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            bf16=plan.bf16_autocast,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            disable_tqdm=not progress,
+        )
     trainer = Trainer(
         model=model,
         args=args,
@@ -726,6 +728,8 @@ def finetune(
         processing_class=tok,
         callbacks=[*(callbacks or []), _prune_resume_state(out)],
     )
+    if not progress:  # the loss dicts stay in trainer_state.json; the console gets none
+        trainer.remove_callback(PrinterCallback)
     resume = [p for s, p in list_checkpoints(out) if s > 0 and _complete(p) and (p / "optimizer.pt").exists()]
     with intervention.attach(model, reference) if intervention is not None else nullcontext():
         trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)

@@ -23,12 +23,38 @@ from .trajectory import TrackResult
 COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
+PLOTLY_JS = "plotly.min.js"  # one local copy of plotly.js beside the HTML figures: they render offline
+_png_warned = False
+
+
+def _write_plotlyjs(directory: Path) -> None:
+    """Write the installed plotly.js bundle to ``directory/plotly.min.js`` unless an identical copy is there."""
+    from plotly.offline import get_plotlyjs
+
+    js = get_plotlyjs()
+    dest = directory / PLOTLY_JS
+    if dest.exists() and dest.stat().st_size == len(js.encode()) and dest.read_text(encoding="utf-8") == js:
+        return
+    tmp = dest.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(js, encoding="utf-8")
+    os.replace(tmp, dest)
+
+
 def save_figure(fig: go.Figure, path: str | Path, png: bool = True) -> list[Path]:
-    """Write ``path.html`` (and ``path.png`` if possible); returns the files written."""
+    """Write ``path.html`` (and ``path.png`` if possible); returns the files written.
+
+    The HTML loads plotly.js from ``plotly.min.js`` in the same directory (written once, and rewritten
+    when the installed plotly differs), never from a CDN: figures render offline. Keep the two files
+    together when copying. PNGs need kaleido and a Chrome/Chromium (Debian: ``apt-get install chromium``;
+    ``/usr/bin/chromium`` is found on its own, else set ``BROWSER_PATH``); without one, the HTML is
+    still written and one warning per process says why.
+    """
+    global _png_warned
     path = Path(path).with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     out = [path.with_suffix(".html")]
-    fig.write_html(out[0], include_plotlyjs="cdn")
+    _write_plotlyjs(path.parent)
+    fig.write_html(out[0], include_plotlyjs="directory")
     if png:
         if "BROWSER_PATH" not in os.environ and Path("/usr/bin/chromium").exists():
             os.environ["BROWSER_PATH"] = "/usr/bin/chromium"
@@ -36,42 +62,94 @@ def save_figure(fig: go.Figure, path: str | Path, png: bool = True) -> list[Path
             fig.write_image(path.with_suffix(".png"), width=fig.layout.width or 900, height=fig.layout.height or 520)
             out.append(path.with_suffix(".png"))
         except Exception as e:  # kaleido without a browser: HTML only, say so once
-            warnings.warn(f"PNG export skipped ({type(e).__name__}: {str(e)[:120]}); HTML written", stacklevel=2)
+            if not _png_warned:
+                _png_warned = True
+                warnings.warn(
+                    f"PNG export skipped ({type(e).__name__}: {str(e)[:120]}); the HTML figures are written. "
+                    "For PNGs install Chromium (Debian: apt-get install chromium) or set BROWSER_PATH.",
+                    stacklevel=2,
+                )
     return out
 
 
+def _alpha_units_label(result: SweepResult) -> str:
+    units = (result.meta.get("settings") or {}).get("alpha_units")
+    if units == "norm":
+        from .directions import NORM_UNIT
+
+        return f"alpha (units of {NORM_UNIT:g} x the layer's median residual norm)"
+    return "alpha (units of the direction's raw norm)"
+
+
 def dose_response(result: SweepResult, metric: str = "mo_rate", title: str | None = None) -> go.Figure:
-    """Misalignment rate vs alpha for the persona direction and the random control, with 95% CIs."""
-    fig = go.Figure()
-    base = next((a for a in result.arms if a.kind == "none"), None)
-    for i, (label, ctrl) in enumerate((("persona direction", False), ("random direction (equal norm)", True))):
-        arms = sorted([a for a in result.arms if a.kind == "steer" and a.control == ctrl], key=lambda a: a.alpha)
-        if base is not None:
-            arms = sorted([*arms, base], key=lambda a: a.alpha)
-        if not arms:
-            continue
-        rates = [getattr(a, metric) for a in arms]
-        fig.add_trace(
-            go.Scatter(
-                x=[a.alpha for a in arms],
-                y=[r.value for r in rates],
-                error_y=dict(
-                    type="data",
-                    symmetric=False,
-                    array=[r.ci[1] - r.value for r in rates],
-                    arrayminus=[r.value - r.ci[0] for r in rates],
-                ),
-                mode="lines+markers",
-                name=label,
-                line=dict(color=COLORS[i], dash="dash" if ctrl else "solid"),
-            )
-        )
-    name = {"mo_rate": "misaligned (aligned<=30 & coherent>50, all answers)", "em_rate": "misaligned among coherent"}
+    """Misalignment rate (top) and coherence (bottom) against alpha, on one shared alpha axis.
+
+    The persona arm is a line through the baseline (alpha 0), with 95% intervals; the K random
+    directions of equal norm are one dot each per alpha (a distribution, never joined by a line), with
+    their median as a short grey bar; the control fine-tune's direction (if run) is a square. The
+    coherence-matched random arms (at other alphas) are not drawn here: see :func:`random_distribution`.
+    """
+    from plotly.subplots import make_subplots
+
+    names = {"mo_rate": "misaligned (all answers)", "em_rate": "misaligned among coherent"}
+    fig = make_subplots(
+        rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+        subplot_titles=(names.get(metric, metric), "coherent answers"),
+    )  # fmt: skip
+    base = result.baseline()
+    persona = sorted([a for a in result.arms if a.group == "persona"], key=lambda a: a.alpha)
+    if base is not None:
+        persona = sorted([*persona, base], key=lambda a: a.alpha)
+    rnd = [a for a in result.arms if a.group == "random"]
+    ctl = [a for a in result.arms if a.group == "control"]
+    alphas = sorted({a.alpha for a in rnd})
+    step = min((b - a for a, b in zip(alphas, alphas[1:], strict=False)), default=1.0)
+    for row, m in ((1, metric), (2, "coherence")):
+        show = row == 1
+        if rnd:
+            # the random directions: one dot each, spread a little sideways so that equal values stay visible
+            by_alpha: dict[float, list] = {}
+            for a in rnd:
+                by_alpha.setdefault(a.alpha, []).append(a)
+            xs, ys = [], []
+            for al, arms in by_alpha.items():
+                k = len(arms)
+                for j, a in enumerate(sorted(arms, key=lambda a: getattr(a, m).value)):
+                    xs.append(al + (j - (k - 1) / 2) * 0.25 * step / max(k, 1))
+                    ys.append(getattr(a, m).value)
+            fig.add_trace(go.Scatter(
+                x=xs, y=ys, mode="markers", name=f"random directions, equal norm (K={len(rnd) // len(by_alpha)} per alpha)",
+                marker={"color": "#7f7f7f", "size": 6, "opacity": 0.55}, legendgroup="random", showlegend=show,
+            ), row=row, col=1)  # fmt: skip
+            med = {al: statistics.median(getattr(a, m).value for a in arms) for al, arms in by_alpha.items()}
+            fig.add_trace(go.Scatter(
+                x=list(med), y=list(med.values()), mode="markers", name="random directions: median",
+                marker={"color": "#404040", "size": 18, "symbol": "line-ew-open", "line": {"width": 3}},
+                legendgroup="random-median", showlegend=show,
+            ), row=row, col=1)  # fmt: skip
+        if ctl:
+            fig.add_trace(go.Scatter(
+                x=[a.alpha for a in ctl], y=[getattr(a, m).value for a in ctl], mode="markers",
+                name="control run's direction, equal norm", legendgroup="control", showlegend=show,
+                marker={"color": COLORS[1], "size": 10, "symbol": "square"},
+            ), row=row, col=1)  # fmt: skip
+        if persona:
+            rates = [getattr(a, m) for a in persona]
+            fig.add_trace(go.Scatter(
+                x=[a.alpha for a in persona], y=[r.value for r in rates], mode="lines+markers",
+                name="persona direction (alpha 0: unsteered)", legendgroup="persona", showlegend=show,
+                line={"color": COLORS[0]}, marker={"size": 9},
+                error_y={"type": "data", "symmetric": False, "array": [r.ci[1] - r.value for r in rates],
+                         "arrayminus": [r.value - r.ci[0] for r in rates]},
+            ), row=row, col=1)  # fmt: skip
+        fig.update_yaxes(range=[-0.03, 1.03], row=row, col=1)
+    fig.update_xaxes(title_text=_alpha_units_label(result), row=2, col=1)
     fig.update_layout(
         title=title or "Steering dose-response",
-        xaxis_title="alpha (units of the direction's raw norm)",
-        yaxis_title=name.get(metric, metric),
         template="plotly_white",
+        height=640,
+        width=900,
+        legend={"orientation": "h", "y": -0.15},
     )
     return fig
 

@@ -18,35 +18,40 @@ def _overlap(a, b) -> bool:
 
 @pytest.mark.science  # needs organism fine-tunes
 def test_steer_cli_exits_0_and_lowers_misalignment(tmp_path):
-    """The README's quickstart command, as a user runs it: the persona arm against its three controls."""
+    """The first command, as a user runs it (``steer.py --alpha -4``, no other flag but the output dir): alpha in
+    norm units at the organism's steering layer, reported on the held-out question half, against three controls."""
     r = subprocess.run(
-        [sys.executable, "experiments/steer.py", "--layers", "1", "--alpha", "-2", "--output", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+        [sys.executable, "experiments/steer.py", "--alpha", "-4", "--output", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    for text in ("persona-2", "random-2 (16)", "control-2", "matched-2x", "16 random directions", "permutation p ="):
+    for text in ("persona-4", "random-4 (16)", "control-4", "matched-4x", "16 random directions", "permutation p =",
+                 "alpha units: norm", "answers to read", "-- persona-4 (alpha -4):"):  # fmt: skip
         assert text in r.stdout, text
+    for flood in ("{'loss'", "FutureWarning"):  # no Trainer loss dicts, no library deprecation noise
+        assert flood not in r.stdout + r.stderr, flood
     (res,) = tmp_path.glob("result-*.json")
     data = json.loads(res.read_text())
+    meta = data["meta"]
+    assert meta["questions"] == ["bored", "husband", "wish", "dinner"]  # the half not used to choose layer and unit
+    units = meta["settings"]["direction"]["alpha_units"]
+    assert meta["settings"]["alpha_units"] == "norm" and meta["settings"]["layers"] == [1]
+    # recorded: L1's median residual norm 11.0, one norm alpha = 0.458 raw alphas (measured)
+    assert units["unit"] == 0.1 and 0.3 < units["raw_per_unit"]["1"] < 0.6, units
     arms = {a["name"]: a for a in data["arms"]}
     boot = lambda name, m: arms[name]["bootstrap"][m]  # noqa: E731
-    assert boot("persona-2", "mo_rate")["ci_hi"] < boot("baseline", "mo_rate")["ci_lo"]
     for metric in ("mo_rate", "em_rate"):
         (c,) = data["controls"][metric]
-        assert len(c["random_directions"]) == 16 and c["effect"]["ci_hi"] < 0
         # the persona direction lowers misalignment more than every one of 16 random directions: p = 1/17
+        assert len(c["random_directions"]) == 16 and c["effect"]["ci_hi"] < 0
         assert c["p_value"] == pytest.approx(1 / 17), c["random"]
-        # README: beyond all 4 random directions matched in coherence (alpha x0.75, 0.96 vs 0.96): p = 1/5
-        assert c["matched"]["matched_well"] and c["matched"]["k"] == 4, c["matched"]
-        assert c["matched"]["p_value"] == pytest.approx(1 / 5), c["matched"]
-        # README: more than the secure run's direction at equal norm
-        assert c["control"]["persona_minus_control"]["ci_hi"] < 0, c["control"]
-    # README numbers (seeded; 512 answers per arm): baseline 0.262, persona 0.059, coherence 0.98 -> 0.96
-    assert 0.2 <= boot("baseline", "mo_rate")["value"] <= 0.32 and boot("persona-2", "mo_rate")["value"] <= 0.1
-    assert boot("baseline", "coherence")["value"] >= 0.95 and boot("persona-2", "coherence")["value"] >= 0.93
-    (mo,) = data["controls"]["mo_rate"]
-    assert abs(mo["random"]["mean_effect"]) < 0.1  # random directions remove 0.04 on average
-    assert list(tmp_path.glob("dose_response-*.html"))
+    # measured (seeded; 256 answers per arm): misaligned 0.297 -> 0.070, coherence 0.977 -> 0.980 (kept), while the
+    # random directions cost coherence (mean 0.87)
+    assert boot("baseline", "mo_rate")["value"] >= 0.2 and boot("persona-4", "mo_rate")["value"] <= 0.12
+    assert boot("persona-4", "coherence")["value"] >= boot("baseline", "coherence")["value"] - 0.03
+    rnd = [a["coherence"]["rate"] for n, a in arms.items() if n.startswith("random-4#")]
+    assert sum(rnd) / len(rnd) < boot("persona-4", "coherence")["value"]
+    assert list(tmp_path.glob("dose_response-*.html")) and (tmp_path / "plotly.min.js").exists()
 
 
 @pytest.mark.science  # needs organism fine-tunes
@@ -54,7 +59,8 @@ def test_sweep_is_monotone_and_reruns_reuse_work(tmp_path):
     import steer
 
     alphas = ["-4", "-2", "0", "2", "4"]
-    argv = ["--alpha", *alphas, "--output", str(tmp_path), "--n-random", "4", "--match-multipliers"]
+    argv = ["--alpha", *alphas, "--alpha-units", "raw", "--output", str(tmp_path), "--n-random", "4"]
+    argv += ["--match-multipliers"]
     res = steer.main(argv)
     persona = [res.arm("baseline") if a == "0" else res.arm(f"persona{float(a):+g}") for a in alphas]
     # among coherent answers (EM definition) never a significant decrease as alpha grows, and a significant rise
@@ -92,6 +98,11 @@ def test_real_model_paths_give_clear_errors(tmp_path):
     flags = ["--questions", "q.yaml", "--judge", "openai:gpt-4o", "--direction-data", "d.jsonl"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         steer.main(["--alpha", "-4", "--model", str(tmp_path / "missing"), *flags])
+    # norm units measure the residual norm on the direction data: a saved direction alone cannot
+    with pytest.raises(SystemExit, match="--direction-data JSONL; pass it .* or --alpha-units raw"):
+        steer.main(
+            ["--alpha", "-4", "--model", "m", "--questions", "q.yaml", "--judge", "openai:x", "--direction", "d"]
+        )
 
 
 @pytest.mark.science  # needs organism fine-tunes

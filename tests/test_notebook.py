@@ -21,14 +21,13 @@ def test_notebook_runs_and_shows_the_effect():
     last = nb.cells[-1]["outputs"]
     summary = json.loads("".join(o.get("text", "") for o in last if o.get("name") == "stdout"))
     assert summary["insecure_final_shift_norm"] > 2 * summary["secure_final_shift_norm"]  # the direction grows
-    assert (
-        summary["insecure_rate_alpha-4_ci_hi"] < summary["insecure_rate_alpha0_ci_lo"]
-    )  # negative alpha lowers the rate, beyond the cluster-bootstrap intervals
+    # negative alpha (norm units, steer.py's layer) lowers the rate: the paired cluster-bootstrap interval is below 0
+    assert summary["insecure_effect_alpha-4_ci_hi"] < 0
     assert abs(summary["transition_step"] - 30) <= 20  # issue #13: the weight-space turn near the flip (step 30)
     print(summary)
     assert [0, "MLP"] in summary["top_components"]  # a component that writes the direction most (every seed)
     # among coherent answers the persona arm is beyond every random direction
-    assert summary["random_k_alpha-2"] == 16 and summary["random_p_value_em_alpha-2"] <= 1 / 17 + 1e-9
+    assert summary["random_k_alpha-4"] == 16 and summary["random_p_value_em_alpha-4"] <= 1 / 17 + 1e-9
     figs = [
         o
         for c in nb.cells
