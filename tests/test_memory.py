@@ -1,0 +1,174 @@
+"""Bounded-memory paths give the same numbers as the unbounded ones they replace (issue 25, item 9)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emis_interp.lora_bank import RowPlan, apply_rows
+
+
+def _old_apply_rows_low_precision(out, x, A, B, plan):
+    """The pre-issue-25 path: the whole batch upcast to the bank's dtype, base rows included."""
+    return apply_rows(out.to(A.dtype), x.to(A.dtype), A, B, plan).to(out.dtype)
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [[1, 1, 2, 2, 3, 3], [0, 0, 2, 2, 3, 3, 0], [3, 3, 1, 1, 2, 2], [2, 0, 1, 2, 2, 0, 1, 3], [0, 0, 0], [4, 1, 4]],
+)
+def test_apply_rows_upcasts_only_adapter_rows_same_numbers(ids, monkeypatch):
+    g = torch.Generator().manual_seed(len(ids))
+    n, d_in, d_out, r, pos = 5, 6, 7, 3, 4
+    A, B = torch.randn(n, d_in, r, generator=g), torch.randn(n, r, d_out, generator=g)
+    A[0], B[0] = 0, 0
+    x = torch.randn(len(ids), pos, d_in, generator=g).bfloat16()
+    out = torch.randn(len(ids), pos, d_out, generator=g).bfloat16()
+    plan = RowPlan.build(torch.tensor(ids))
+    want = _old_apply_rows_low_precision(out, x, A, B, RowPlan.build(torch.tensor(ids)))
+    upcast_rows = []
+    real_to = torch.Tensor.to
+
+    def spy(t, *a, **k):
+        res = real_to(t, *a, **k)
+        if res.dtype == torch.float32 and t.dtype == torch.bfloat16:
+            upcast_rows.append(t.shape[0])
+        return res
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    got = apply_rows(out, x, A, B, plan)
+    monkeypatch.undo()
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    n_adapter_rows = sum(i != 0 for i in ids)
+    assert all(rows <= n_adapter_rows for rows in upcast_rows), (upcast_rows, n_adapter_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_heads_builds_one_head_write_at_a_time_same_numbers(dtype, monkeypatch):
+    from emis_interp import attribution
+    from emis_interp.interventions import Intervention, project_out
+
+    g = torch.Generator().manual_seed(0)
+    n_heads, hd, d = 4, 3, 10
+    o_proj = torch.nn.Linear(n_heads * hd, d, bias=False)
+    with torch.no_grad():
+        o_proj.weight.copy_(torch.randn(d, n_heads * hd, generator=g))
+    u1, u3 = (v / v.norm() for v in torch.randn(2, d, generator=g))
+    iv = Intervention(project_components={(1, "H1"): u1, (1, "H3"): u3, (0, "H0"): u1})
+    z = torch.randn(2, 5, n_heads * hd, generator=g).to(dtype)
+    out = torch.randn(2, 5, d, generator=g).to(dtype)
+    # the old path: every head's write [batch, pos, head, d_model], then the selected ones
+    writes = attribution.head_writes(z, attribution.o_proj_weight(o_proj).to(dtype), n_heads)
+    want = out
+    for h, u in ((1, u1), (3, u3)):
+        w = writes[:, :, h]
+        want = want - (w - project_out(w, u.to(dtype)))
+    shapes = []
+    real = attribution.head_writes
+    monkeypatch.setattr(attribution, "head_writes", lambda *a: shapes.append(tuple((r := real(*a)).shape)) or r)
+    got = iv.apply_heads(1, z, out, o_proj, n_heads)
+    assert torch.equal(got, want) if dtype == torch.bfloat16 else torch.allclose(got, want, atol=1e-6, rtol=0)
+    assert shapes and all(s[2] == 1 for s in shapes), shapes  # never more than one head's write
+
+
+def _old_lora_dynamics_numbers(traj, ks, min_move, n_components):
+    """The pre-issue-25 path: every B stacked in float64, a full SVD over checkpoints."""
+    from emis_interp.trajectory import BASE_STEP
+    from emis_interp.weights import frobenius_inner, local_cosine, read_adapter
+
+    ads = [None if p == BASE_STEP else read_adapter(p) for p in traj.paths]
+    if ads[0] is None:
+        ads[0] = {m: (a, torch.zeros_like(b), sc) for m, (a, b, sc) in ads[1].items()}
+    mods = list(ads[0])
+    v = torch.stack([torch.cat([ad[m][1].flatten() for m in mods]) for ad in ads]).double()
+    centred = v - v.mean(0, keepdim=True)
+    _, sv, vt = torch.linalg.svd(centred, full_matrices=False)
+    var = sv**2
+    nc = min(n_components, vt.shape[0])
+    pcs = centred @ vt[:nc].T
+
+    def inner(x, y, m):
+        (a1, b1, s1), (a2, b2, s2) = x[m], y[m]
+        return s1 * s2 * frobenius_inner(a1.double(), b1.double(), a2.double(), b2.double())
+
+    fin = ads[-1]
+    comp = [
+        sum(inner(ad, fin, m) for m in mods)
+        / max(1e-300, (sum(inner(ad, ad, m) for m in mods) * sum(inner(fin, fin, m) for m in mods)) ** 0.5)
+        for ad in ads
+    ]
+    return {
+        "local": {k: local_cosine(v, k, min_move) for k in ks},
+        "explained": (var / var.sum()).tolist(),
+        "pcs": pcs,
+        "b_total_norm": v.norm(dim=1).tolist(),
+        "a_norm": [[float(ad[m][0].norm()) for m in mods] for ad in ads],
+        "comp": comp,
+    }
+
+
+@pytest.mark.parametrize("with_checkpoint0", [True, False])
+def test_lora_dynamics_from_the_gram_matrix_equals_the_full_svd(tmp_path, with_checkpoint0):
+    import json
+
+    from safetensors.torch import save_file
+
+    from emis_interp.trajectory import Trajectory
+    from emis_interp.weights import lora_dynamics
+
+    g = torch.Generator().manual_seed(3)
+    pfx = "base_model.model.model.layers.0"
+    drift = torch.randn(2, 16, 2, generator=g)
+    for i in range(0 if with_checkpoint0 else 1, 9):
+        d = tmp_path / "run" / f"checkpoint-{10 * i}"
+        d.mkdir(parents=True)
+        turn = torch.randn(2, 16, 2, generator=g) * (0.2 + (i > 4))
+        save_file(
+            {
+                f"{pfx}.mlp.down_proj.lora_A.weight": torch.randn(2, 8, generator=g),
+                f"{pfx}.mlp.down_proj.lora_B.weight": (i * drift[0] + turn[0]).contiguous(),
+                f"{pfx}.self_attn.q_proj.lora_A.weight": torch.randn(2, 8, generator=g),
+                f"{pfx}.self_attn.q_proj.lora_B.weight": (i * drift[1] + turn[1]).contiguous(),
+            },
+            str(d / "adapter_model.safetensors"),
+        )
+        (d / "adapter_config.json").write_text(
+            json.dumps({"r": 2, "lora_alpha": 4, "use_rslora": True, "base_model_name_or_path": "x"})
+        )
+    traj = Trajectory.from_dir(tmp_path / "run", base="x")
+    new = lora_dynamics(traj, ks=(1, 2, 3), n_components=3)
+    old = _old_lora_dynamics_numbers(traj, (1, 2, 3), 0.05, 3)
+    for k in (1, 2, 3):
+        assert [x is None for x in new.local_cos[k]] == [x is None for x in old["local"][k]]
+        assert [x for x in new.local_cos[k] if x is not None] == pytest.approx(
+            [x for x in old["local"][k] if x is not None], abs=1e-9
+        )
+    assert new.explained == pytest.approx(old["explained"], abs=1e-9)
+    pcs = torch.tensor(new.pcs, dtype=torch.float64)
+    signs = torch.sign((pcs * old["pcs"]).sum(0))  # a PC's sign is arbitrary
+    torch.testing.assert_close(pcs, old["pcs"] * signs, atol=1e-9, rtol=1e-9)
+    assert new.b_total_norm == pytest.approx(old["b_total_norm"], abs=1e-9)
+    torch.testing.assert_close(torch.tensor(new.a_norm), torch.tensor(old["a_norm"]))
+    assert new.comp == pytest.approx(old["comp"], abs=1e-9)
+    assert new.transition_step is not None
+
+
+def test_lora_dynamics_never_stacks_every_b_matrix(tmp_path, monkeypatch):
+    """The streaming path holds one module over the checkpoints, never the whole [n_ckpt, all B] stack."""
+    from emis_interp import weights
+
+    test_lora_dynamics_from_the_gram_matrix_equals_the_full_svd(tmp_path, True)
+    sizes = []
+    real_stack = torch.stack
+
+    def spy(ts, *a, **k):
+        r = real_stack(ts, *a, **k)
+        sizes.append(r.numel())
+        return r
+
+    monkeypatch.setattr(torch, "stack", spy)
+    from emis_interp.trajectory import Trajectory
+
+    weights.lora_dynamics(Trajectory.from_dir(tmp_path / "run", base="x"))
+    assert sizes and max(sizes) <= 9 * 16 * 2  # one module's B over 9 checkpoints, not both modules'
