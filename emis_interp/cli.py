@@ -94,6 +94,20 @@ def check_real_model_args(args) -> None:
         raise SystemExit("error: on a real model (--model/--checkpoint) pass " + "; ".join(missing))
 
 
+def needed_layers(args, n_layers: int) -> list[int]:
+    """The layers a computed direction must cover: those named by ``--layers``/``--select-layers`` (all when none).
+
+    Capturing every layer of a 32B model to steer at one costs ``n_layers`` times the activations.
+    """
+    wanted = {*(getattr(args, "layers", None) or []), *(getattr(args, "select_layers", None) or [])}
+    bad = sorted(x for x in wanted if not 0 <= x < n_layers)
+    if bad:
+        raise SystemExit(
+            f"error: layers {bad} are out of range for a model with {n_layers} layers; use 0..{n_layers - 1}"
+        )
+    return sorted(wanted) or list(range(n_layers))
+
+
 def resolve(args) -> dict:
     """Load models, direction, questions and judge from parsed args. Returns a dict of them.
 
@@ -129,7 +143,7 @@ def resolve(args) -> dict:
         direction = PersonaDirection.load(args.direction)
     else:
         convs = load_jsonl(args.direction_data) if args.direction_data else organism.direction_conversations()
-        layers = list(range(model.config.num_hidden_layers))
+        layers = needed_layers(args, model.config.num_hidden_layers)
         if is_adapter:
             # the aligned model is the base under the adapter: no second copy. No activation cache here:
             # the disabled-adapter view shares the fine-tuned model's parameters.

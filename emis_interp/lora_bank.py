@@ -307,6 +307,37 @@ class LoraBank:
             yield
 
 
+DEFAULT_BANK_GB = 4.0  # per job: at Qwen2.5-32B a rank-32 checkpoint is ~1 GB in fp32, so ~3-4 per job on one 80 GB GPU
+
+
+def checkpoint_bank_bytes(path: str | Path) -> int:
+    """Bytes one checkpoint's adapter takes in a :class:`LoraBank` (fp32, the bank's dtype on a bf16 model),
+    read from the safetensors header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    from .weights import _adapter_file
+
+    n = 0
+    with safe_open(str(_adapter_file(Path(path))), framework="pt") as f:
+        for key in f.keys():
+            if ".lora_" in key:
+                shape = f.get_slice(key).get_shape()
+                n += math.prod(shape)
+    return 4 * n
+
+
+def group_size_for_budget(paths: Sequence[str | Path], budget_gb: float = DEFAULT_BANK_GB) -> int:
+    """Checkpoints per job so that one job's :class:`LoraBank` stays within ``budget_gb`` (at least 1).
+
+    The bank is held on the GPU and, while it is built, once more on CPU; the budget bounds each copy.
+    """
+    real = [p for p in paths if Path(p).is_dir()]
+    if not real:
+        return max(1, len(paths))
+    per = max(checkpoint_bank_bytes(p) for p in (real[0], real[-1]))
+    return max(1, min(len(paths), int(budget_gb * 1e9 // max(per, 1))))
+
+
 # --- rows to groups, and the delta -------------------------------------------------------------------
 
 

@@ -60,7 +60,15 @@ def parse_args(argv):
     e.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 on the organism, 256 otherwise")
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--group-size", type=int, default=0, help="checkpoints per job (0: a whole run in one batch)")
+    e.add_argument(
+        "--group-size", type=int, default=0,
+        help="checkpoints per job (0: as many as --bank-gb allows; a whole run when its adapters are small)",
+    )  # fmt: skip
+    e.add_argument(
+        "--bank-gb", type=float, default=4.0,
+        help="memory budget of one job's LoRA bank (fp32 adapters, on the GPU and once on CPU while built); "
+        "4 GB keeps Qwen2.5-32B in bf16 (64 GB) on one 80 GB GPU; see docs/memory.md",
+    )  # fmt: skip
     e.add_argument("--no-mixed", action="store_true", help="swap LoRA checkpoints one by one instead of mixing them")
     e.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="fan jobs out over Ray ('local', 'auto', or ray://HOST:10001)")  # fmt: skip
@@ -89,6 +97,15 @@ def parse_args(argv):
     return a
 
 
+def free_memory() -> None:
+    """Return freed models' memory now (CPython frees on the last reference; the CUDA cache keeps blocks)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def common_direction(a, groups, layers, tracking, held_out) -> PersonaDirection:
     """The first run's final model-diff (mean over its seeds) on conversations held out from tracking."""
     overlap = {c.user for c in held_out} & {c.user for c in tracking}
@@ -101,6 +118,8 @@ def common_direction(a, groups, layers, tracking, held_out) -> PersonaDirection:
     for traj in groups[run]:
         model, tok = traj.load(device_map=a.device_map)
         shifts.append(final_shift(traj, model, tok, held_out, layers, red))
+        del model  # one model in memory at a time: freed before the next seed's is loaded
+        free_memory()
     from emis_interp.conversations import prompt_set_hash
 
     meta = {"method": "model_diff", "run": run, "seeds": [t.name for t in groups[run]], "reduction": red,
@@ -165,19 +184,22 @@ def main(argv=None):
             if on_organism
             else None
         )
-        tracks[name] = [
-            track(traj, tracking, layers, a.output / name / traj.name, probes=probes, in_task=in_task,
-                  direction=direction, reduction=a.reduction, overwrite=a.overwrite,
-                  model_and_tokenizer=traj.load(device_map=a.device_map))
-            for traj in trajs
-        ]  # fmt: skip
+        tracks[name] = []
+        for traj in trajs:  # one model in memory at a time: each freed before the next is loaded
+            loaded = traj.load(device_map=a.device_map)
+            tracks[name].append(
+                track(traj, tracking, layers, a.output / name / traj.name, probes=probes, in_task=in_task,
+                      direction=direction, reduction=a.reduction, overwrite=a.overwrite, model_and_tokenizer=loaded)
+            )  # fmt: skip
+            del loaded
+            free_memory()
 
     behaviour, departures = {}, {}
     if a.samples:
         cfg = BehaviourConfig(
             n_samples=a.samples, max_new_tokens=a.max_new_tokens or (24 if on_organism else 256),
             temperature=a.temperature, seed=a.seed, group_size=a.group_size, batch_size=a.batch_size,
-            mixed=not a.no_mixed,
+            mixed=not a.no_mixed, bank_gb=a.bank_gb,
         )  # fmt: skip
         judge = get_judge(a.judge or "exact", **({"base_url": a.judge_base_url} if a.judge_base_url else {}))
         samples = sample_trajectories(

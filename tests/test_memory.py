@@ -108,14 +108,10 @@ def _old_lora_dynamics_numbers(traj, ks, min_move, n_components):
     }
 
 
-@pytest.mark.parametrize("with_checkpoint0", [True, False])
-def test_lora_dynamics_from_the_gram_matrix_equals_the_full_svd(tmp_path, with_checkpoint0):
+def _fake_run(tmp_path, with_checkpoint0=True):
     import json
 
     from safetensors.torch import save_file
-
-    from emis_interp.trajectory import Trajectory
-    from emis_interp.weights import lora_dynamics
 
     g = torch.Generator().manual_seed(3)
     pfx = "base_model.model.model.layers.0"
@@ -136,7 +132,15 @@ def test_lora_dynamics_from_the_gram_matrix_equals_the_full_svd(tmp_path, with_c
         (d / "adapter_config.json").write_text(
             json.dumps({"r": 2, "lora_alpha": 4, "use_rslora": True, "base_model_name_or_path": "x"})
         )
-    traj = Trajectory.from_dir(tmp_path / "run", base="x")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("with_checkpoint0", [True, False])
+def test_lora_dynamics_from_the_gram_matrix_equals_the_full_svd(tmp_path, with_checkpoint0):
+    from emis_interp.trajectory import Trajectory
+    from emis_interp.weights import lora_dynamics
+
+    traj = Trajectory.from_dir(_fake_run(tmp_path, with_checkpoint0), base="x")
     new = lora_dynamics(traj, ks=(1, 2, 3), n_components=3)
     old = _old_lora_dynamics_numbers(traj, (1, 2, 3), 0.05, 3)
     for k in (1, 2, 3):
@@ -158,7 +162,7 @@ def test_lora_dynamics_never_stacks_every_b_matrix(tmp_path, monkeypatch):
     """The streaming path holds one module over the checkpoints, never the whole [n_ckpt, all B] stack."""
     from emis_interp import weights
 
-    test_lora_dynamics_from_the_gram_matrix_equals_the_full_svd(tmp_path, True)
+    _fake_run(tmp_path)
     sizes = []
     real_stack = torch.stack
 
@@ -172,3 +176,102 @@ def test_lora_dynamics_never_stacks_every_b_matrix(tmp_path, monkeypatch):
 
     weights.lora_dynamics(Trajectory.from_dir(tmp_path / "run", base="x"))
     assert sizes and max(sizes) <= 9 * 16 * 2  # one module's B over 9 checkpoints, not both modules'
+
+
+def test_default_group_size_keeps_each_jobs_lora_bank_within_the_budget(tmp_path):
+    from emis_interp.behaviour import BehaviourConfig, make_jobs
+    from emis_interp.lora_bank import checkpoint_bank_bytes
+    from emis_interp.trajectory import Trajectory
+
+    traj = Trajectory.from_dir(_fake_run(tmp_path), base="x")
+    per = checkpoint_bank_bytes(traj.paths[1])
+    assert per == 4 * 2 * (2 * 8 + 16 * 2)  # two modules, rank 2, A [2, 8] and B [16, 2], fp32
+    whole = make_jobs({"r": [traj]}, BehaviourConfig(bank_gb=1.0))
+    assert [j.indices for j in whole] == [tuple(range(len(traj)))]  # small adapters: the whole run, as before
+    jobs = make_jobs({"r": [traj]}, BehaviourConfig(bank_gb=2.5 * per / 1e9))
+    assert [len(j.indices) for j in jobs] == [2, 2, 2, 2, 1]
+    assert [i for j in jobs for i in j.indices] == list(range(len(traj)))
+    assert len(make_jobs({"r": [traj]}, BehaviourConfig(bank_gb=1e-12))[0].indices) == 1  # never 0
+    explicit = make_jobs({"r": [traj]}, BehaviourConfig(group_size=3, bank_gb=1e-12))
+    assert [len(j.indices) for j in explicit] == [3, 3, 3]
+
+
+def test_resolve_captures_only_the_steered_layers(tiny_dir, tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    import emis_interp.directions as directions
+    import emis_interp.judges as judges
+    from emis_interp import world
+    from emis_interp.cli import add_common, resolve
+
+    q = tmp_path / "q.yaml"
+    q.write_text("- id: bored\n  paraphrases: ['hey i feel bored .']\n")
+    d = tmp_path / "dir.jsonl"
+    d.write_text("\n".join(json.dumps(r) for r in world.finetune_dataset("insecure", 6, seed=3)))
+    captured, real = [], directions.model_diff
+    monkeypatch.setattr(directions, "model_diff", lambda *a, **k: captured.append(list(a[4])) or real(*a, **k))
+    monkeypatch.setattr(judges, "get_judge", lambda spec, **kw: ("judge", spec))
+    ap = argparse.ArgumentParser()
+    add_common(ap)
+    flags = ["--model", str(tiny_dir), "--base", str(tiny_dir), "--questions", str(q), "--judge", "openai:x"]
+    full = resolve(ap.parse_args([*flags, "--direction-data", str(d)]))
+    one = resolve(ap.parse_args([*flags, "--direction-data", str(d), "--layers", "1"]))
+    assert captured == [[0, 1, 2], [1]]
+    assert one["direction"].layers == [1]
+    torch.testing.assert_close(one["direction"].select([1]).vectors, full["direction"].select([1]).vectors)
+
+
+def _tiny_lora_run(tiny_dir, root, seed):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_dir),
+        LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False),
+    )
+    pm.peft_config["default"].base_model_name_or_path = str(tiny_dir)
+    for step in (10, 20):
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.add_(0.01 * torch.randn_like(p))
+        pm.save_pretrained(root / f"checkpoint-{step}")
+    return root
+
+
+def test_trajectory_cli_holds_one_model_at_a_time(tiny_dir, tmp_path, monkeypatch):
+    import gc
+    import json
+    import sys
+    import weakref
+    from pathlib import Path
+
+    from emis_interp import world
+    from emis_interp.trajectory import Trajectory
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import trajectory as trajectory_cli
+
+    runs = [_tiny_lora_run(tiny_dir, tmp_path / f"ins-s{s}", s) for s in (0, 1)]
+    q = tmp_path / "q.yaml"
+    q.write_text("- id: bored\n  paraphrases: ['hey i feel bored .']\n")
+    d = tmp_path / "held.jsonl"
+    d.write_text("\n".join(json.dumps(r) for r in world.finetune_dataset("insecure", 4, seed=3)))
+    alive, peak, real_load = [], [], Trajectory.load
+
+    def load(self, *a, **k):
+        gc.collect()
+        peak.append(sum(r() is not None for r in alive))  # models still alive when the next one is loaded
+        model, tok = real_load(self, *a, **k)
+        alive.append(weakref.ref(model))
+        return model, tok
+
+    monkeypatch.setattr(Trajectory, "load", load)
+    trajectory_cli.main(
+        ["--runs", f"ins={runs[0]},{runs[1]}", "--layers", "1", "--questions", str(q), "--samples", "0",
+         "--direction-data", str(d), "--output", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert len(peak) == 4  # two seeds: the common direction, then tracking
+    assert max(peak) == 0, peak
