@@ -39,11 +39,17 @@ def add_common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--device-map", default=None, help="passed to accelerate, e.g. 'auto' for multi-GPU models")
     e = ap.add_argument_group("evaluation")
     e.add_argument(
-        "--layers", type=int, nargs="+", help="layers to intervene at (default: organism layer 2 / all for ablation)"
+        "--layers",
+        type=int,
+        nargs="+",
+        help="steering: layers to intervene at; ablation: the one layer whose direction is removed (default: organism "
+        "layer 2)",
     )
     e.add_argument("--questions", type=Path, help="EM-format YAML (e.g. ../shared/data/em/first_plot_questions.yaml)")
     e.add_argument("--samples", type=int, default=32, help="samples per question paraphrase")
-    e.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 on the organism, 256 otherwise")
+    e.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: 24 on the organism, 600 (the EM paper's) otherwise"
+    )
     e.add_argument(
         "--judge",
         default=None,
@@ -51,7 +57,7 @@ def add_common(ap: argparse.ArgumentParser) -> None:
     )
     e.add_argument("--judge-base-url", default=None, help="OpenAI-compatible server URL (e.g. a local vLLM)")
     c = ap.add_argument_group("controls (a control is a distribution, never one draw)")
-    c.add_argument("--n-random", type=int, default=16, help="random directions of equal per-layer norm (default 16)")
+    c.add_argument("--n-random", type=int, default=16, help="random directions of equal per-layer norm")
     c.add_argument(
         "--match-multipliers",
         type=float,
@@ -66,8 +72,8 @@ def add_common(ap: argparse.ArgumentParser) -> None:
         help="a control fine-tune's model-diff direction (PersonaDirection file), rescaled to equal norm; "
         "default on the organism: the secure run's (seed 0), on a real model: none",
     )
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (and the random directions')")
+    e.add_argument("--batch-size", type=int, default=256, help="sequences per generate call")
     e.add_argument("--output", type=Path, default=None, help="output directory")
 
 
@@ -168,7 +174,7 @@ def resolve(args) -> dict:
         "judge": judge,
         "target": target,
         "on_organism": on_organism,
-        "max_new_tokens": args.max_new_tokens or (24 if on_organism else 256),
+        "max_new_tokens": args.max_new_tokens or (24 if on_organism else 600),
     }
 
 

@@ -17,19 +17,21 @@ cache/steer). Alpha is in units of the direction's raw norm: alpha = -4 removes 
 fine-tuning shifts.
 """
 
-import argparse
-
 from emis_interp import organism
 from emis_interp.cache import DEFAULT_CACHE_DIR, atomic_write_text
 from emis_interp.causality import run_arms, select_layer_alpha, steering_arms
 from emis_interp.cli import add_common, resolve
+from emis_interp.cliargs import add_yes, confirm_cost, parse, parser
 from emis_interp.plots import dose_response, save_figure
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--alpha", type=float, nargs="+", required=True, help="one alpha or a sweep")
-    ap.add_argument("--positions", choices=["all", "prompt", "response"], default="all")
+    ap.add_argument(
+        "--positions", choices=["all", "prompt", "response"], default="all",
+        help="token positions steered: every one, the prompt's, or the generated response's",
+    )  # fmt: skip
     s = ap.add_argument_group("selection on questions disjoint from the reported ones")
     s.add_argument(
         "--select-layers",
@@ -39,7 +41,8 @@ def main(argv=None):
     )
     s.add_argument("--min-coherence", type=float, default=0.75, help="selection keeps coherence >= this x baseline")
     add_common(ap)
-    args = ap.parse_args(argv)
+    add_yes(ap)
+    args = parse(ap, argv)
     r = resolve(args)
     out = args.output or DEFAULT_CACHE_DIR / "steer"
     questions, alphas, selection = r["questions"], args.alpha, None
@@ -60,11 +63,14 @@ def main(argv=None):
     if layers is None:
         raise SystemExit("error: pass --layers for a real model (e.g. the middle layer), or --select-layers")
     direction = r["direction"].select(layers)
+    arms = steering_arms(
+        direction, alphas, layers, args.seed, n_random=args.n_random, control=r["control"],
+        match=args.match_multipliers, n_match=args.n_match,
+    )  # fmt: skip
+    if not r["on_organism"]:
+        confirm_cost(len(arms) * sum(len(q.paraphrases) for q in questions) * args.samples, args.yes, "steering sweep")
     res = run_arms(
-        r["model"], r["tokenizer"], questions, steering_arms(
-            direction, alphas, layers, args.seed, n_random=args.n_random, control=r["control"],
-            match=args.match_multipliers, n_match=args.n_match,
-        ), r["judge"],
+        r["model"], r["tokenizer"], questions, arms, r["judge"],
         n_samples=args.samples, max_new_tokens=r["max_new_tokens"], seed=args.seed, batch_size=args.batch_size,
         output_dir=out, positions=args.positions, settings={"target": r["target"], "layers": layers,
         "direction": r["direction"].meta, "selection": selection.as_dict() if selection else None},

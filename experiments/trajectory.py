@@ -18,7 +18,6 @@ Everything is written as it finishes (a rerun continues); then ``behaviour.csv``
 ``departure.json`` and the figure ``dynamics.html`` (+ .png with Chromium) go to --output.
 """
 
-import argparse
 import json
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from emis_interp.behaviour import (
     save_table,
 )
 from emis_interp.cache import DEFAULT_CACHE_DIR, atomic_write_text
+from emis_interp.cliargs import add_yes, confirm_cost, parse, parser
 from emis_interp.conversations import Conversation, load_jsonl
 from emis_interp.data import load_probes, load_questions
 from emis_interp.directions import PersonaDirection
@@ -43,7 +43,7 @@ from emis_interp.trajectory import Trajectory, final_shift, track
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     g = ap.add_argument_group("runs (default: the model organism's runs)")
     g.add_argument("--runs", nargs="+", help="NAME=DIR[,DIR...] (one DIR per seed)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="organism seeds")
@@ -57,9 +57,11 @@ def parse_args(argv):
     e.add_argument("--judge", default=None, help="'openai:MODEL', 'hf:MODEL' or 'exact' (organism; its default)")
     e.add_argument("--judge-base-url", default=None, help="OpenAI-compatible server URL (e.g. a local vLLM)")
     e.add_argument("--samples", type=int, default=4, help="answers per paraphrase per checkpoint (0: no sampling)")
-    e.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 on the organism, 256 otherwise")
-    e.add_argument("--temperature", type=float, default=1.0)
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: 24 on the organism, 600 (the EM paper's) otherwise"
+    )
+    e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    e.add_argument("--batch-size", type=int, default=256, help="sequences per generate call")
     e.add_argument(
         "--group-size", type=int, default=0,
         help="checkpoints per job (0: as many as --bank-gb allows; a whole run when its adapters are small)",
@@ -75,17 +77,21 @@ def parse_args(argv):
     e.add_argument("--ray-workers", type=int, default=None, help="Ray actors (default: one per GPU, else 2)")
     e.add_argument("--ray-gpus-per-worker", type=float, default=None, help="GPUs per actor (with --device-map auto)")
     e.add_argument("--device-map", default=None, help="'auto' shards a model larger than one GPU over the node")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (each job derives its own)")
     t = ap.add_argument_group("persona direction and log-prob metrics")
-    t.add_argument("--layers", type=int, nargs="+", default=None)
-    t.add_argument("--reduction", default="mean_prompt", choices=["last_prompt", "mean_prompt", "mean_response"])
+    t.add_argument("--layers", type=int, nargs="+", default=None, help="layers tracked (default: organism layer 2)")
+    t.add_argument(
+        "--reduction", default="mean_prompt", choices=["last_prompt", "mean_prompt", "mean_response"],
+        help="how a conversation's activations become one vector per layer",
+    )  # fmt: skip
     t.add_argument("--direction", type=Path, help="a PersonaDirection to project every run on (default: see above)")
     t.add_argument("--direction-data", type=Path, help="held-out conversations (JSONL) for the default direction")
     t.add_argument("--probes", type=Path, help="EM run config with mcq_callbacks (default: organism probes)")
     t.add_argument("--in-task", type=Path, help="held-out training conversations (JSONL) for the in-task metric")
-    ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "trajectory")
+    ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "trajectory", help="output directory")
     ap.add_argument("--overwrite", action="store_true", help="discard results made under other settings")
-    a = ap.parse_args(argv)
+    add_yes(ap)
+    a = parse(ap, argv)
     if a.runs and a.samples and not a.judge:
         ap.error("--runs with --samples > 0 needs --judge openai:MODEL or hf:MODEL (or --samples 0: no judged rate)")
     if a.runs and not a.questions:
@@ -130,7 +136,6 @@ def common_direction(a, groups, layers, tracking, held_out) -> PersonaDirection:
 
 def main(argv=None):
     a = parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     on_organism = not a.runs
     if on_organism:
         dirs = {k: [organism.organism_trajectory(k, s) for s in a.seeds] for k in world.FINETUNE_KINDS}
@@ -197,10 +202,14 @@ def main(argv=None):
     behaviour, departures = {}, {}
     if a.samples:
         cfg = BehaviourConfig(
-            n_samples=a.samples, max_new_tokens=a.max_new_tokens or (24 if on_organism else 256),
+            n_samples=a.samples, max_new_tokens=a.max_new_tokens or (24 if on_organism else 600),
             temperature=a.temperature, seed=a.seed, group_size=a.group_size, batch_size=a.batch_size,
             mixed=not a.no_mixed, bank_gb=a.bank_gb,
         )  # fmt: skip
+        if not on_organism:
+            n_prompts = sum(len(q.paraphrases) for q in questions)
+            n_ckpts = sum(len(t) for ts in groups.values() for t in ts)
+            confirm_cost(n_ckpts * n_prompts * a.samples, a.yes, "trajectory")
         judge = get_judge(a.judge or "exact", **({"base_url": a.judge_base_url} if a.judge_base_url else {}))
         samples = sample_trajectories(
             groups, questions, cfg, a.output, ray_address=a.ray, ray_workers=a.ray_workers,
