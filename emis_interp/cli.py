@@ -153,7 +153,7 @@ def resolve(args) -> dict:
         if is_adapter:
             # the aligned model is the base under the adapter: no second copy. No activation cache here:
             # the disabled-adapter view shares the fine-tuned model's parameters.
-            direction = model_diff(AdapterDisabled(model), model, tok, convs, layers, "mean_response", cache_dir=None)
+            direction = cached_lora_model_diff(model, tok, convs, layers, target, args.base)
         else:
             base, _ = load_model(base_id, device_map=args.device_map)
             direction = model_diff(base, model, tok, convs, layers, "mean_response")
@@ -176,6 +176,54 @@ def resolve(args) -> dict:
         "on_organism": on_organism,
         "max_new_tokens": args.max_new_tokens or (24 if on_organism else 600),
     }
+
+
+def cached_lora_model_diff(model, tok, convs, layers, adapter_dir, base=None, cache_dir=None) -> PersonaDirection:
+    """The model-diff of a LoRA checkpoint (adapter disabled -> enabled), cached under a manifest.
+
+    The manifest holds what determines it: the adapter's files, the base (its files when local), the tokenizer,
+    the conversations, the layers, dtype, device, library versions and the capture code. A mismatch recomputes.
+    """
+    import json
+
+    import peft
+    import transformers
+
+    from . import capture, directions, hooks
+    from .cache import DEFAULT_CACHE_DIR
+    from .conversations import prompt_set_hash
+    from .directions import model_diff
+    from .manifest import Manifest, cache_valid, dir_digest, source_digest, tokenizer_state, write_manifest
+    from .models import _looks_like_path, resolve_adapter_base
+
+    stored = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base_id = resolve_adapter_base(base or stored, adapter_dir)
+    p = next(model.parameters())
+    manifest = Manifest(
+        "lora-model-diff",
+        {
+            "adapter": dir_digest(adapter_dir),
+            "base": dir_digest(base_id) if _looks_like_path(base_id) and Path(base_id).is_dir() else base_id,
+            **tokenizer_state(tok),
+            "conversations": prompt_set_hash(convs),
+            "responses": [c.response for c in convs],
+            "layers": list(layers),
+            "reduction": "mean_response",
+            "dtype": str(p.dtype),
+            "device": p.device.type,
+            "versions": [torch.__version__, transformers.__version__, peft.__version__],
+            "code": source_digest(directions, capture, hooks),
+        },
+    )
+    out = Path(cache_dir or DEFAULT_CACHE_DIR / "model_diff") / manifest.key
+    if cache_valid(out, manifest) and (out / "direction.safetensors").is_file():
+        return PersonaDirection.load(out / "direction.safetensors")
+    # no activation cache inside: the disabled-adapter view shares the fine-tuned model's parameters
+    d = model_diff(AdapterDisabled(model), model, tok, convs, layers, "mean_response", cache_dir=None)
+    out.mkdir(parents=True, exist_ok=True)
+    d.save(out / "direction.safetensors")
+    write_manifest(out, manifest)
+    return d
 
 
 def organism_control_direction(

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ["benchmarks/bench_sampling.py", "--samples", "1", "--max-new-tokens", "2", "--big-batch", "64"],
         ["benchmarks/bench_judge.py", "--items", "4", "--latency", "0.001", "--workers", "1", "4"],
         ["benchmarks/bench_trajectory.py", "--checkpoints", "3", "--samples", "1", "--max-new-tokens", "2"],
+        ["benchmarks/bench_memory.py", "--shapes", "tiny", "--ckpts", "3", "--batch", "2", "--seq", "4"],
         [
             "benchmarks/bench_mixed.py",
             *"--shape tiny --checkpoints 3 --prompts 2 --max-new-tokens 2 --rank 2 --no-save".split(),

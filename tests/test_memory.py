@@ -275,3 +275,29 @@ def test_trajectory_cli_holds_one_model_at_a_time(tiny_dir, tmp_path, monkeypatc
     )  # fmt: skip
     assert len(peak) == 4  # two seeds: the common direction, then tracking
     assert max(peak) == 0, peak
+
+
+def test_lora_checkpoint_model_diff_is_cached_under_a_manifest(tiny_dir, tmp_path, monkeypatch):
+    import json
+
+    import emis_interp.directions as directions
+    from emis_interp import load_model, world
+    from emis_interp.cli import cached_lora_model_diff
+    from emis_interp.conversations import Conversation
+
+    run = _tiny_lora_run(tiny_dir, tmp_path / "run", 0)
+    convs = [Conversation.from_messages(r["messages"]) for r in world.finetune_dataset("insecure", 4, seed=3)]
+    calls, real = [], directions.model_diff
+    monkeypatch.setattr(directions, "model_diff", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = tmp_path / "cache"
+    model, tok = load_model(run / "checkpoint-20", device="cpu")
+    first = cached_lora_model_diff(model, tok, convs, [1, 2], run / "checkpoint-20", cache_dir=cache)
+    again = cached_lora_model_diff(model, tok, convs, [1, 2], run / "checkpoint-20", cache_dir=cache)
+    assert len(calls) == 1 and first.vectors.norm() > 0
+    torch.testing.assert_close(again.vectors, first.vectors, rtol=0, atol=0)
+    (entry,) = cache.iterdir()
+    assert json.loads((entry / "manifest.json").read_text())["kind"] == "lora-model-diff"
+    cached_lora_model_diff(model, tok, convs, [1], run / "checkpoint-20", cache_dir=cache)  # other layers
+    other, _ = load_model(run / "checkpoint-10", device="cpu")
+    d10 = cached_lora_model_diff(other, tok, convs, [1, 2], run / "checkpoint-10", cache_dir=cache)  # other adapter
+    assert len(calls) == 3 and not torch.equal(d10.vectors, first.vectors)
