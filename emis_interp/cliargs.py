@@ -29,7 +29,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in text.lower() or action.default is None or action.default is False:
             return text
         return super()._get_help_string(action)
 

@@ -320,16 +320,17 @@ def _streamed_stats(paths) -> dict:
 
     from .trajectory import BASE_STEP
 
-    layouts, handles = [], []
+    layouts, files = [], []
     for p in paths:
         if p == BASE_STEP:
             layouts.append(None)
-            handles.append(None)
+            files.append(None)
             continue
-        f = safe_open(str(_adapter_file(Path(p))), framework="pt")
-        handles.append(f)
+        files.append(str(_adapter_file(Path(p))))
         parts: dict[str, dict[str, str]] = {}
-        for key in f.keys():
+        with safe_open(files[-1], framework="pt") as f:  # each read opens the file anew: mapped pages are let go
+            keys = list(f.keys())
+        for key in keys:
             m = _KEY_RE.match(key)
             if m is not None:
                 parts.setdefault(m["module"], {})[m["ab"][-1]] = key
@@ -356,8 +357,8 @@ def _streamed_stats(paths) -> dict:
         for i, (p, lay) in enumerate(zip(paths, layouts, strict=True)):
             src = i if lay is not None else first
             ab, raw = layouts[src][mod]
-            a = handles[src].get_tensor(ab["A"]).float()
-            b = handles[src].get_tensor(ab["B"]).float()
+            with safe_open(files[src], framework="pt") as f:
+                a, b = f.get_tensor(ab["A"]).float(), f.get_tensor(ab["B"]).float()
             if a.shape[0] != b.shape[1]:
                 raise ConfigError(f"{p}: {raw} lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} ranks differ.")
             if lay is None:

@@ -60,7 +60,7 @@ def test_every_flag_has_help_and_help_shows_defaults(name, monkeypatch):
     fmt = ap._get_formatter()
     for a in _flags(ap):
         assert a.help, f"{name}: {a.option_strings} has no help"
-        if a.default not in (None, False, argparse.SUPPRESS):
+        if a.default is not None and a.default is not False and a.default != argparse.SUPPRESS:  # 0 is a default
             assert "default" in fmt._get_help_string(a).lower(), f"{name}: {a.option_strings} hides its default"
     text = ap.format_help()
     assert "(default: " in text or "default" in text
