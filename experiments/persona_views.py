@@ -11,7 +11,7 @@ For a LoRA trajectory (``checkpoint-N`` dirs) and a persona direction it writes 
 - ``attribution.html`` / ``attribution_growth.html``: each head's and MLP's write projected on the
   direction (direct attribution over response tokens) at the final checkpoint, and across checkpoints;
 - ``logit_lens.html``: the top and bottom tokens of ``unembed(final_norm(v))`` per layer;
-- ``token_projections.html``: each response token's projection on the direction at --layer;
+- ``token_projections.html``: each response token's projection on the direction at the --layers layer;
 - ``persona_direction.gguf``: the direction as a llama.cpp control vector (layers >= 1).
 
 On the organism the direction defaults to the model-diff of the final insecure checkpoint.
