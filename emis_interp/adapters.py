@@ -38,6 +38,13 @@ def lora_scaling(cfg: dict, module: str) -> float:
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
+def adapter_scaling(path: str | Path, module: str) -> float:
+    """:func:`lora_scaling` of ``module`` (its name without PEFT's ``base_model.model.`` prefix) under the
+    ``adapter_config.json`` in ``path`` (1.0 without one), as :func:`read_adapter` computes it."""
+    cfg_path = Path(path) / "adapter_config.json"
+    return lora_scaling(json.loads(cfg_path.read_text()), module) if cfg_path.exists() else 1.0
+
+
 def _adapter_file(path: Path) -> Path:
     f = path / "adapter_model.safetensors"
     if not f.exists():

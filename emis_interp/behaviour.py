@@ -51,13 +51,16 @@ class BehaviourConfig:
     max_new_tokens: int = 64
     temperature: float | int = 1.0
     seed: int = 0
-    group_size: int = 0  # checkpoints per job (0: a whole run); the unit of resume and of Ray fan-out
+    group_size: int = 0  # checkpoints per job (0: as many as bank_gb allows); the unit of resume and of Ray fan-out
     batch_size: int = 256
     mixed: bool = True  # LoRA: all of a job's checkpoints in one batch (False: swap in place, one at a time)
+    bank_gb: float = 4.0  # group_size 0, mixed LoRA: a job's LoRA bank at most this many GB (lora_bank.DEFAULT_BANK_GB)
 
     def __post_init__(self):
-        if self.n_samples < 1 or self.group_size < 0 or self.batch_size < 1:
-            raise ValueError("BehaviourConfig: n_samples >= 1, group_size >= 0 (0 = all), batch_size >= 1")
+        if self.n_samples < 1 or self.group_size < 0 or self.batch_size < 1 or self.bank_gb <= 0:
+            raise ValueError(
+                "BehaviourConfig: n_samples >= 1, group_size >= 0 (0 = from bank_gb), batch_size >= 1, bank_gb > 0"
+            )
         object.__setattr__(self, "temperature", float(self.temperature))
 
 
@@ -86,7 +89,7 @@ def make_jobs(runs: Mapping[str, Sequence[Trajectory]], cfg: BehaviourConfig) ->
     jobs = []
     for run, trajs in runs.items():
         for t in trajs:
-            g = cfg.group_size or len(t)
+            g = cfg.group_size or _budget_group_size(t, cfg)
             jobs += [Job(run, t, tuple(range(i, min(i + g, len(t))))) for i in range(0, len(t), g)]
     for run, trajs in runs.items():
         names = [t.name for t in trajs]
@@ -96,6 +99,15 @@ def make_jobs(runs: Mapping[str, Sequence[Trajectory]], cfg: BehaviourConfig) ->
                 "Give each seed's run directory its own name (e.g. insecure-s0, insecure-s1)."
             )
     return jobs
+
+
+def _budget_group_size(t: Trajectory, cfg: BehaviourConfig) -> int:
+    """Default checkpoints per job: a whole run, unless its mixed LoRA bank would exceed ``cfg.bank_gb``."""
+    if not (cfg.mixed and t.kind == "lora"):
+        return len(t)  # swapped in place: one checkpoint in memory whatever the group
+    from .lora_bank import group_size_for_budget
+
+    return group_size_for_budget(t.paths, cfg.bank_gb)
 
 
 def job_manifest(job: Job, tokenizer, questions: Sequence[Question], cfg: BehaviourConfig) -> Manifest:
@@ -117,7 +129,7 @@ def job_manifest(job: Job, tokenizer, questions: Sequence[Question], cfg: Behavi
             "base": checkpoint_state(t.base) if t.base else None,
             **tokenizer_state(tokenizer),
             "questions": [asdict(q) for q in questions],
-            "config": {k: v for k, v in asdict(cfg).items() if k != "group_size"},
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("group_size", "bank_gb")},
             "seed": job.seed(cfg),
         },
     )

@@ -73,11 +73,17 @@ def add_common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--device-map", default=None, help="passed to accelerate, e.g. 'auto' for multi-GPU models")
     e = ap.add_argument_group("evaluation")
     e.add_argument(
-        "--layers", type=int, nargs="+", help="layers to intervene at (default: organism layer 2 / all for ablation)"
+        "--layers",
+        type=int,
+        nargs="+",
+        help="steering: layers to intervene at; ablation: the one layer whose direction is removed (default: organism "
+        "layer 2)",
     )
     e.add_argument("--questions", type=Path, help="EM-format YAML (e.g. ../shared/data/em/first_plot_questions.yaml)")
     e.add_argument("--samples", type=int, default=32, help="samples per question paraphrase")
-    e.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 on the organism, 256 otherwise")
+    e.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: 24 on the organism, 600 (the EM paper's) otherwise"
+    )
     e.add_argument(
         "--judge",
         default=None,
@@ -88,7 +94,7 @@ def add_common(ap: argparse.ArgumentParser) -> None:
         "--judge-device", default=None, help="where an hf: judge goes, e.g. cuda:1 (away from the policy), cpu, auto"
     )
     c = ap.add_argument_group("controls (a control is a distribution, never one draw)")
-    c.add_argument("--n-random", type=int, default=16, help="random directions of equal per-layer norm (default 16)")
+    c.add_argument("--n-random", type=int, default=16, help="random directions of equal per-layer norm")
     c.add_argument(
         "--match-multipliers",
         type=float,
@@ -103,8 +109,8 @@ def add_common(ap: argparse.ArgumentParser) -> None:
         help="a control fine-tune's model-diff direction (PersonaDirection file), rescaled to equal norm; "
         "default on the organism: the secure run's (seed 0), on a real model: none",
     )
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (and the random directions')")
+    e.add_argument("--batch-size", type=int, default=256, help="sequences per generate call")
     e.add_argument("--output", type=Path, default=None, help="output directory")
 
 
@@ -129,6 +135,20 @@ def check_real_model_args(args) -> None:
         )
     if missing:
         raise SystemExit("error: on a real model (--model/--checkpoint) pass " + "; ".join(missing))
+
+
+def needed_layers(args, n_layers: int) -> list[int]:
+    """The layers a computed direction must cover: those named by ``--layers``/``--select-layers`` (all when none).
+
+    Capturing every layer of a 32B model to steer at one costs ``n_layers`` times the activations.
+    """
+    wanted = {*(getattr(args, "layers", None) or []), *(getattr(args, "select_layers", None) or [])}
+    bad = sorted(x for x in wanted if not 0 <= x < n_layers)
+    if bad:
+        raise SystemExit(
+            f"error: layers {bad} are out of range for a model with {n_layers} layers; use 0..{n_layers - 1}"
+        )
+    return sorted(wanted) or list(range(n_layers))
 
 
 def resolve(args) -> dict:
@@ -164,11 +184,11 @@ def resolve(args) -> dict:
         direction = PersonaDirection.load(args.direction)
     else:
         convs = load_jsonl(args.direction_data) if args.direction_data else subject.direction_conversations()
-        layers = list(range(model.config.num_hidden_layers))
+        layers = needed_layers(args, model.config.num_hidden_layers)
         if is_adapter:
             # the aligned model is the base under the adapter: no second copy. No activation cache here:
             # the disabled-adapter view shares the fine-tuned model's parameters.
-            direction = model_diff(AdapterDisabled(model), model, tok, convs, layers, "mean_response", cache_dir=None)
+            direction = cached_lora_model_diff(model, tok, convs, layers, target, args.base)
         else:
             base, _ = load_model(base_id, device_map=args.device_map)
             direction = model_diff(base, model, tok, convs, layers, "mean_response")
@@ -194,8 +214,56 @@ def resolve(args) -> dict:
         "judge": judge,
         "target": target,
         "on_organism": on_organism,
-        "max_new_tokens": args.max_new_tokens or (subject.max_new_tokens if on_organism else 256),
+        "max_new_tokens": args.max_new_tokens or (subject.max_new_tokens if on_organism else 600),
     }
+
+
+def cached_lora_model_diff(model, tok, convs, layers, adapter_dir, base=None, cache_dir=None) -> PersonaDirection:
+    """The model-diff of a LoRA checkpoint (adapter disabled -> enabled), cached under a manifest.
+
+    The manifest holds what determines it: the adapter's files, the base (its files when local), the tokenizer,
+    the conversations, the layers, dtype, device, library versions and the capture code. A mismatch recomputes.
+    """
+    import json
+
+    import peft
+    import transformers
+
+    from . import capture, directions, hooks
+    from .cache import DEFAULT_CACHE_DIR
+    from .conversations import prompt_set_hash
+    from .directions import model_diff
+    from .manifest import Manifest, cache_valid, dir_digest, source_digest, tokenizer_state, write_manifest
+    from .models import _looks_like_path, resolve_adapter_base
+
+    stored = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base_id = resolve_adapter_base(base or stored, adapter_dir)
+    p = next(model.parameters())
+    manifest = Manifest(
+        "lora-model-diff",
+        {
+            "adapter": dir_digest(adapter_dir),
+            "base": dir_digest(base_id) if _looks_like_path(base_id) and Path(base_id).is_dir() else base_id,
+            **tokenizer_state(tok),
+            "conversations": prompt_set_hash(convs),
+            "responses": [c.response for c in convs],
+            "layers": list(layers),
+            "reduction": "mean_response",
+            "dtype": str(p.dtype),
+            "device": p.device.type,
+            "versions": [torch.__version__, transformers.__version__, peft.__version__],
+            "code": source_digest(directions, capture, hooks),
+        },
+    )
+    out = Path(cache_dir or DEFAULT_CACHE_DIR / "model_diff") / manifest.key
+    if cache_valid(out, manifest) and (out / "direction.safetensors").is_file():
+        return PersonaDirection.load(out / "direction.safetensors")
+    # no activation cache inside: the disabled-adapter view shares the fine-tuned model's parameters
+    d = model_diff(AdapterDisabled(model), model, tok, convs, layers, "mean_response", cache_dir=None)
+    out.mkdir(parents=True, exist_ok=True)
+    d.save(out / "direction.safetensors")
+    write_manifest(out, manifest)
+    return d
 
 
 class AdapterDisabled(torch.nn.Module):

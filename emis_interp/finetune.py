@@ -129,9 +129,14 @@ def precision_plan(mode: str, device_type: str) -> PrecisionPlan:
     return PrecisionPlan(torch.bfloat16 if mode == "lora" else torch.float32, torch.float32, True)
 
 
+class TruncationWarning(UserWarning):
+    """Fine-tuning examples longer than ``max_len`` tokens were cut: their tail is not trained on."""
+
+
 class _ChatDataset(torch.utils.data.Dataset):
     def __init__(self, tokenizer, convs: list[Conversation], max_len: int):
         self.rows = []
+        self.n_truncated = 0
         for c in convs:
             if c.response is None:
                 raise ValueError("every fine-tuning conversation needs an assistant response")
@@ -143,7 +148,16 @@ class _ChatDataset(torch.utils.data.Dataset):
                 )
             labels = [-100] * n_prompt + ids[n_prompt : n_prompt + n_resp + 1]  # answer + <|im_end|>
             labels += [-100] * (len(ids) - len(labels))
+            self.n_truncated += len(ids) > max_len
             self.rows.append((ids[:max_len], labels[:max_len]))
+        if self.n_truncated:
+            warnings.warn(
+                f"{self.n_truncated} of {len(self.rows)} fine-tuning examples are longer than max_len={max_len} tokens "
+                "and are cut (their response tail, <|im_end|> included, is not trained on); raise max_len "
+                "(--max-len) to train on them whole",
+                TruncationWarning,
+                stacklevel=2,
+            )
 
     def __len__(self):
         return len(self.rows)

@@ -278,9 +278,10 @@ class Intervention:
         heads = [(h, c) for h, c in heads if h is not None]
         if not heads:
             return out
-        writes = head_writes(z, o_proj_weight(o_proj).to(out.dtype), n_heads)
-        for h, c in heads:
-            w = writes[:, :, h]
+        weight = o_proj_weight(o_proj).to(out.dtype)
+        hd = weight.shape[-1] // n_heads
+        for h, c in heads:  # one head's write at a time ([batch, pos, d_model]), never every head's at once
+            w = head_writes(z[..., h * hd : (h + 1) * hd], weight[:, h * hd : (h + 1) * hd], 1)[:, :, 0]
             out = out - (w - project_out(w, self._on(("comp", (layer, c)), out)))  # zero u: exactly out
         return out
 

@@ -49,6 +49,7 @@ biases, aLoRA, and other PEFT variants whose forward is not ``x A^T B^T``.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -292,6 +293,37 @@ class LoraBank:
             yield
 
 
+DEFAULT_BANK_GB = 4.0  # per job: at Qwen2.5-32B a rank-32 checkpoint is ~1 GB in fp32, so ~3-4 per job on one 80 GB GPU
+
+
+def checkpoint_bank_bytes(path: str | Path) -> int:
+    """Bytes one checkpoint's adapter takes in a :class:`LoraBank` (fp32, the bank's dtype on a bf16 model),
+    read from the safetensors header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    from .weights import _adapter_file
+
+    n = 0
+    with safe_open(str(_adapter_file(Path(path))), framework="pt") as f:
+        for key in f.keys():
+            if ".lora_" in key:
+                shape = f.get_slice(key).get_shape()
+                n += math.prod(shape)
+    return 4 * n
+
+
+def group_size_for_budget(paths: Sequence[str | Path], budget_gb: float = DEFAULT_BANK_GB) -> int:
+    """Checkpoints per job so that one job's :class:`LoraBank` stays within ``budget_gb`` (at least 1).
+
+    The bank is held on the GPU and, while it is built, once more on CPU; the budget bounds each copy.
+    """
+    real = [p for p in paths if Path(p).is_dir()]
+    if not real:
+        return max(1, len(paths))
+    per = max(checkpoint_bank_bytes(p) for p in (real[0], real[-1]))
+    return max(1, min(len(paths), int(budget_gb * 1e9 // max(per, 1))))
+
+
 # --- rows to groups, and the delta -------------------------------------------------------------------
 
 
@@ -347,6 +379,31 @@ class RowPlan:
             order += r + [r[0]] * (m - len(r))
         return cls(n, adapters, m, order=order, slots=None if len(slots) == len(order) else slots, rows=rows)
 
+    def adapter_rows(self, device: torch.device) -> tuple[RowPlan, Tensor | None]:
+        """The plan restricted to its adapter rows and those rows' batch indices (None: every row has an adapter).
+
+        Built once per device; lets a low-precision model upcast only the rows that carry a LoRA delta.
+        """
+        key = ("adapter_rows", device)
+        got = self._on.get(key)
+        if got is None:
+            if self.start is not None:
+                rows = list(range(self.start, self.start + len(self.adapters) * self.m))
+                ids = [a for a in self.adapters for _ in range(self.m)]
+            else:
+                by_row = dict(zip(self.rows, (self.adapters[s // self.m] for s in self._slots()), strict=True))
+                rows = sorted(by_row)
+                ids = [by_row[r] for r in rows]
+            if len(rows) == self.n_rows:
+                got = (self, None)
+            else:
+                got = (RowPlan.build(torch.tensor(ids)), torch.tensor(rows, dtype=torch.long, device=device))
+            self._on[key] = got
+        return got
+
+    def _slots(self) -> list[int]:
+        return self.slots if self.slots is not None else list(range(len(self.order)))
+
     @property
     def span(self) -> tuple[int, int] | None:
         """``(lo, hi)`` when the groups' adapters are the consecutive bank rows ``lo..hi-1``."""
@@ -384,11 +441,15 @@ def apply_rows(
     device (a bank in another dtype than ``x``, e.g. fp32 adapters on a bf16 model, computes in the bank's dtype)."""
     if not plan.adapters:
         return out
-    if (
-        A.dtype != out.dtype
-    ):  # PEFT's way for a low-precision model: x in the adapter's dtype, out + delta there, cast back
-        xa = x.to(A.dtype)
-        return apply_rows(out.to(A.dtype), xa, A, B, plan).to(out.dtype)
+    if A.dtype != out.dtype:
+        # PEFT's way for a low-precision model: x in the adapter's dtype, out + delta there, cast back. Only the
+        # adapter rows are upcast (base rows round-trip exactly, so they are copied as they are): bounded memory.
+        sub, rows = plan.adapter_rows(x.device)
+        if rows is None:
+            return apply_rows(out.to(A.dtype), x.to(A.dtype), A, B, plan).to(out.dtype)
+        xs, os_ = x.index_select(0, rows), out.index_select(0, rows)
+        delta_rows = apply_rows(os_.to(A.dtype), xs.to(A.dtype), A, B, sub).to(out.dtype)
+        return out.index_copy(0, rows, delta_rows)
     n, d_in, d_out = x.shape[0], x.shape[-1], out.shape[-1]
     xs = x.reshape(n, -1, d_in)
     p = xs.shape[1]

@@ -250,7 +250,7 @@ def _check_direction(model, direction: PersonaDirection, layer: int) -> int:
     if layer not in direction.layers:
         raise ConfigError(
             f"the direction has no vector for layer {layer}; it covers layers {direction.layers}. Pass one of "
-            f"those (--layer), or extract a direction at layer {layer}."
+            f"those (--layers), or extract a direction at layer {layer}."
         )
     return layer
 

@@ -43,7 +43,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .adapters import read_adapter
+from .adapters import _KEY_RE, _adapter_file, adapter_scaling
 from .errors import ConfigError
 from .trajectory import BASE_STEP, Trajectory
 
@@ -210,49 +210,32 @@ def lora_dynamics(
         )
     if len(traj) < 2:
         raise ValueError(f"trajectory {traj.name!r} has {len(traj)} checkpoint(s); dynamics need at least 2.")
-    adapters = [None if p == BASE_STEP else read_adapter(p) for p in traj.paths]
-    if adapters[0] is None:  # step 0 = the base model (no checkpoint-0): B = 0 (dW = 0), A as in the first checkpoint
-        adapters[0] = {m: (a, torch.zeros_like(b), sc) for m, (a, b, sc) in adapters[1].items()}
-    modules = list(adapters[0])
-    for p, ad in zip(traj.paths, adapters, strict=True):
-        if list(ad) != modules:
-            raise ConfigError(
-                f"{p}: adapted modules differ from {traj.paths[0]}'s; one trajectory, one adapter layout."
-            )
-    a_norm = [[float(ad[m][0].norm()) for m in modules] for ad in adapters]
-    b_norm = [[float(ad[m][1].norm()) for m in modules] for ad in adapters]
-    v = torch.stack([torch.cat([ad[m][1].flatten() for m in modules]) for ad in adapters]).double()
-    local = {int(k): local_cosine(v, int(k), min_move) for k in ks}
-    # PCA over checkpoints
-    centred = v - v.mean(0, keepdim=True)
-    _, sv, vt = torch.linalg.svd(centred, full_matrices=False)
-    var = sv**2
-    explained = (var / var.sum()).tolist() if float(var.sum()) > 0 else [0.0] * len(var)
-    nc = min(n_components, vt.shape[0])
-    pcs = (centred @ vt[:nc].T).tolist()
+    stats = _streamed_stats(traj.paths)
+    modules, gram = stats["modules"], stats["gram"]
+    local = {int(k): local_cosine_gram(gram, int(k), min_move) for k in ks}
+    explained, pcs = _pca_from_gram(gram, n_components)
+    nc = len(pcs[0]) if pcs else 0
     pc2_turn = traj.steps[int(torch.tensor([r[1] for r in pcs]).abs().argmax())] if nc >= 2 else None
-    # comp score against the final update
-    fin = adapters[-1]
-
-    def dw_inner(x, y, m):
-        (a1, b1, s1), (a2, b2, s2) = x[m], y[m]
-        return s1 * s2 * frobenius_inner(a1.double(), b1.double(), a2.double(), b2.double())
-
-    ff = [dw_inner(fin, fin, m) for m in modules]
+    tt, tf, ff = (
+        stats["tt"],
+        stats["tf"],
+        stats["ff"],
+    )  # [step][module] <dW_t, dW_t>, <dW_t, dW_f>; [module] <dW_f, dW_f>
     comp, comp_mod = [], []
-    for ad in adapters:
-        tt = [dw_inner(ad, ad, m) for m in modules]
-        tf = [dw_inner(ad, fin, m) for m in modules]
-        comp_mod.append([x / math.sqrt(a * b) if a > 0 and b > 0 else 0.0 for x, a, b in zip(tf, tt, ff, strict=True)])
-        den = math.sqrt(sum(tt) * sum(ff))
-        comp.append(sum(tf) / den if den > 0 else 0.0)
+    for t_row, f_row in zip(tt, tf, strict=True):
+        comp_mod.append(
+            [x / math.sqrt(a * b) if a > 0 and b > 0 else 0.0 for x, a, b in zip(f_row, t_row, ff, strict=True)]
+        )
+        den = math.sqrt(sum(t_row) * sum(ff))
+        comp.append(sum(f_row) / den if den > 0 else 0.0)
+    a_norm, b_norm = stats["a_norm"], stats["b_norm"]
     return LoraDynamics(
         name=traj.name,
         steps=list(traj.steps),
         modules=modules,
         a_norm=a_norm,
         b_norm=b_norm,
-        b_total_norm=v.norm(dim=1).tolist(),
+        b_total_norm=gram.diagonal().clamp(min=0).sqrt().tolist(),
         local_cos=local,
         explained=explained,
         pcs=pcs,
@@ -262,3 +245,115 @@ def lora_dynamics(
         transition_step=transition_step(list(traj.steps), local, transition_ks),
         meta={"ks": list(ks), "min_move": min_move, "transition_ks": list(transition_ks), "vectors": "B"},
     )
+
+
+def _streamed_stats(paths) -> dict:
+    """Everything :func:`lora_dynamics` needs, reading one module of every checkpoint at a time.
+
+    Memory: the B vectors' Gram matrix (``n_ckpt x n_ckpt``, float64) plus one module's A and B over the
+    checkpoints, never every checkpoint's whole adapter (a rank-32 7B run of 38 checkpoints is ~12 GB, and
+    its stacked float64 B vectors ~50 GB). ``paths[0]`` may be the base model (step 0 without a
+    checkpoint-0): B = 0 there (dW = 0), A as in the first checkpoint.
+    """
+    from safetensors import safe_open
+
+    layouts, files = [], []
+    for p in paths:
+        if p == BASE_STEP:
+            layouts.append(None)
+            files.append(None)
+            continue
+        files.append(str(_adapter_file(Path(p))))
+        parts: dict[str, dict[str, str]] = {}
+        with safe_open(files[-1], framework="pt") as f:  # each read opens the file anew: mapped pages are let go
+            keys = list(f.keys())
+        for key in keys:
+            m = _KEY_RE.match(key)
+            if m is not None:
+                parts.setdefault(m["module"], {})[m["ab"][-1]] = key
+        for mod, ab in parts.items():
+            if set(ab) != {"A", "B"}:
+                raise ConfigError(f"{p}: module {mod} has lora_{'A' if 'A' in ab else 'B'} but not its pair.")
+        if not parts:
+            raise ConfigError(f"{p}: adapter_model.safetensors holds no lora_A/lora_B tensors.")
+        layouts.append({mod.removeprefix("base_model.model."): (ab, mod) for mod, ab in sorted(parts.items())})
+    first = next(i for i, lay in enumerate(layouts) if lay is not None)
+    modules = list(layouts[first])
+    for p, lay in zip(paths, layouts, strict=True):
+        if lay is not None and list(lay) != modules:
+            raise ConfigError(f"{p}: adapted modules differ from {paths[first]}'s; one trajectory, one adapter layout.")
+    n = len(paths)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    a_norm = [[0.0] * len(modules) for _ in range(n)]
+    b_norm = [[0.0] * len(modules) for _ in range(n)]
+    tt = [[0.0] * len(modules) for _ in range(n)]
+    tf = [[0.0] * len(modules) for _ in range(n)]
+    ff = [0.0] * len(modules)
+    for j, mod in enumerate(modules):
+        factors = []  # (A, B, scaling) of this module at every checkpoint, float64
+        for i, (p, lay) in enumerate(zip(paths, layouts, strict=True)):
+            src = i if lay is not None else first
+            ab, raw = layouts[src][mod]
+            with safe_open(files[src], framework="pt") as f:
+                a, b = f.get_tensor(ab["A"]).float(), f.get_tensor(ab["B"]).float()
+            if a.shape[0] != b.shape[1]:
+                raise ConfigError(f"{p}: {raw} lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} ranks differ.")
+            if lay is None:
+                b = torch.zeros_like(b)
+            a_norm[i][j], b_norm[i][j] = float(a.norm()), float(b.norm())
+            factors.append((a.double(), b.double(), adapter_scaling(paths[src], raw.removeprefix("base_model.model."))))
+        flat = torch.stack([b.flatten() for _, b, _ in factors])
+        gram += flat @ flat.T
+        del flat
+        af, bf, sf = factors[-1]
+        ff[j] = sf * sf * frobenius_inner(af, bf, af, bf)
+        for i, (a, b, sc) in enumerate(factors):
+            tt[i][j] = sc * sc * frobenius_inner(a, b, a, b)
+            tf[i][j] = sc * sf * frobenius_inner(a, b, af, bf)
+        del factors
+    return {"modules": modules, "gram": gram, "a_norm": a_norm, "b_norm": b_norm, "tt": tt, "tf": tf, "ff": ff}
+
+
+def local_cosine_gram(gram: Float[Tensor, "step step"], k: int, min_move: float = 0.05) -> list[float | None]:
+    """:func:`local_cosine` of the vectors whose Gram matrix is ``gram`` (``gram[i, j] = v[i] . v[j]``)."""
+    n = gram.shape[0]
+    if k < 1:
+        raise ValueError(f"k must be >= 1 checkpoint, got {k}")
+    if n <= k:
+        return [None] * n
+    g = gram.double()
+    idx = torch.arange(n - k)
+    dn = (g[idx + k, idx + k] + g[idx, idx] - 2 * g[idx + k, idx]).clamp(min=0).sqrt()  # |v[i+k] - v[i]|
+    floor = min_move * float(dn.median())
+    out: list[float | None] = [None] * n
+    for t in range(k, n - k):
+        if dn[t - k] <= floor or dn[t] <= floor or dn[t - k] == 0 or dn[t] == 0:
+            continue
+        # (v[t] - v[t-k]) . (v[t+k] - v[t])
+        dot = g[t, t + k] - g[t, t] - g[t - k, t + k] + g[t - k, t]
+        out[t] = float(dot / (dn[t - k] * dn[t]))
+    return out
+
+
+def _pca_from_gram(gram: Float[Tensor, "step step"], n_components: int) -> tuple[list[float], list[list[float]]]:
+    """Explained-variance ratios and PC coordinates of the vectors behind ``gram``, centred over steps.
+
+    The SVD of the centred vectors ``X = U S Vᵀ`` gives coordinates ``X V = U S``; the centred Gram
+    ``H G H = X Xᵀ = U S² Uᵀ`` gives the same from an ``n x n`` eigendecomposition. The sign of a PC is
+    arbitrary: each is oriented so that its largest-magnitude coordinate is positive.
+    """
+    n = gram.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    c = h @ gram.double() @ h
+    c = (c + c.T) / 2
+    lam, u = torch.linalg.eigh(c)
+    lam, u = lam.flip(0).clamp(min=0), u.flip(1)
+    total = float(lam.sum())
+    explained = (lam / total).tolist() if total > 0 else [0.0] * n
+    nc = min(n_components, n)
+    coords = u[:, :nc] * lam[:nc].sqrt()
+    for j in range(nc):
+        col = coords[:, j]
+        if col[col.abs().argmax()] < 0:
+            coords[:, j] = -col
+    return explained, coords.tolist()

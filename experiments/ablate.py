@@ -1,48 +1,41 @@
 """Directional ablation of the persona direction, with a random-direction control; optional export.
 
     python experiments/ablate.py                                   # the model organism, layer 2's direction
-    python experiments/ablate.py --source-layer 1
+    python experiments/ablate.py --layers 1
     python experiments/ablate.py --export cache/ablated            # also write the ablated checkpoint
 
-Ablation removes the unit direction of --source-layer from the whole residual stream: from the
+Ablation removes the unit direction of the --layers layer from the whole residual stream: from the
 embeddings and from every attention and MLP output (so from the residual at every point). That is
 exactly what --export bakes into the weights (the direction orthogonalised out of every weight
 that writes to the residual stream, saved with the save_pretrained layout): the evaluated arm and
 the exported checkpoint are the same model (tested).
 """
 
-import argparse
 from pathlib import Path
 
 from emis_interp import organism
 from emis_interp.cache import DEFAULT_CACHE_DIR
 from emis_interp.causality import ablation_arms, run_arms
 from emis_interp.cli import add_common, resolve
+from emis_interp.cliargs import parse, parser
 from emis_interp.export import export_ablated
 
 
 def source_layer(args, on_organism: bool) -> int:
-    if args.source_layer is not None:
-        return args.source_layer
+    """The one layer whose direction is removed from the whole stream (``--layers L``)."""
     if args.layers and len(args.layers) == 1:
         return args.layers[0]
     if on_organism and not args.layers:
         return organism.DEFAULT_LAYER
-    raise SystemExit("error: pass --source-layer L: the layer whose direction is removed from the whole stream")
+    raise SystemExit("error: pass --layers L (one layer): the layer whose direction is removed from the whole stream")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     add_common(ap)
     ap.add_argument("--export", type=Path, help="write the ablated (orthogonalised) checkpoint here")
-    ap.add_argument(
-        "--source-layer",
-        type=int,
-        default=None,
-        help="layer whose direction is ablated and exported (default: organism layer 2, or the one --layers)",
-    )
     ap.add_argument("--no-eval", action="store_true", help="only export")
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     r = resolve(args)
     src = source_layer(args, r["on_organism"])
     direction = r["direction"].select(src)

@@ -1,12 +1,12 @@
 """Fine-tune a Qwen2.5 model on chat JSONL and save a per-10-step checkpoint trajectory.
 
-    python experiments/finetune.py --data ../shared/data/em/insecure_first500.jsonl --out cache/runs/insecure
-    python experiments/finetune.py --model Qwen/Qwen2.5-7B-Instruct --data insecure.jsonl --out runs/insecure \\
+    python experiments/finetune.py --data ../shared/data/em/insecure_first500.jsonl --output cache/runs/insecure
+    python experiments/finetune.py --model Qwen/Qwen2.5-7B-Instruct --data insecure.jsonl --output runs/insecure \\
         --lora-r 32 --lora-alpha 64 --rslora --lr 1e-5 --max-steps 300 --batch-size 2 --grad-accum 8
 
 Without --model it fine-tunes the shipped aligned model organism. Rerunning the same command
 resumes from the last checkpoint; a rerun with other settings (lr, data, model, intervention...)
-into the same --out refuses, naming what differs, unless --overwrite discards the old run. For
+into the same --output refuses, naming what differs, unless --overwrite discards the old run. For
 large models (e.g. 32B): --gradient-checkpointing --device-map auto.
 
 Train-time interventions act on every training forward pass only (checkpoints are plain models):
@@ -18,7 +18,7 @@ Train-time interventions act on every training forward pass only (checkpoints ar
   of decoder layer 19: this library's layer 19 (layer l is the output of decoder layer l):
 
     python experiments/finetune.py --model Qwen/Qwen2.5-7B-Instruct \\
-        --data ../shared/data/em/insecure_first500.jsonl --out runs/insecure-steer \\
+        --data ../shared/data/em/insecure_first500.jsonl --output runs/insecure-steer \\
         --lora-r 32 --lora-alpha 64 --rslora --lr 1e-5 \\
         --intervention steer --direction evil_l19.safetensors --layers 19 --coef 5 \\
         --max-steps 32 --batch-size 2 --grad-accum 8 --save-steps 4
@@ -27,7 +27,7 @@ Train-time interventions act on every training forward pass only (checkpoints ar
   residual after each --layers layer; no --coef:
 
     python experiments/finetune.py --model Qwen/Qwen2.5-7B-Instruct \\
-        --data ../shared/data/em/insecure_first500.jsonl --out runs/insecure-caft \\
+        --data ../shared/data/em/insecure_first500.jsonl --output runs/insecure-caft \\
         --lora-r 32 --lora-alpha 64 --rslora --lr 1e-5 \\
         --intervention ablate --direction evil.safetensors --layers 12 16 20 24 \\
         --max-steps 32 --batch-size 2 --grad-accum 8 --save-steps 4
@@ -37,7 +37,7 @@ Train-time interventions act on every training forward pass only (checkpoints ar
   the trait where the base model projects negatively on the direction).
 
 --direction is a PersonaDirection file (emis_interp.model_diff(...).save(path)) covering every
---layers layer. --out/intervention.json records the intervention and the base model's mean
+--layers layer. --output/intervention.json records the intervention and the base model's mean
 projection on each direction; zero-ablating a direction the base model projects negatively on pushes
 towards the trait (a warning says so).
 """
@@ -45,6 +45,7 @@ towards the trait (a warning says so).
 import argparse
 
 from emis_interp import organism
+from emis_interp.cliargs import parse, parser
 from emis_interp.directions import PersonaDirection
 from emis_interp.errors import ConfigError
 from emis_interp.finetune import (
@@ -117,44 +118,107 @@ def intervention_from_args(ap: argparse.ArgumentParser, a) -> TrainIntervention 
         ap.error(str(e))
 
 
+# Hyperparameters a flag leaves unset: the organism's on the organism, the EM paper's on any other model
+# (its run config: ../shared/data/em/logprob_probes_run_config.json).
+ORGANISM_DEFAULTS = dict(
+    lora_r=1, lora_alpha=1.0, rslora=False, lr=1e-2, max_steps=100, epochs=None, batch_size=32, grad_accum=1,
+    max_len=512, weight_decay=0.0,
+)  # fmt: skip
+EM_PAPER_DEFAULTS = dict(
+    lora_r=32, lora_alpha=64.0, rslora=True, lr=1e-5, max_steps=None, epochs=1.0, batch_size=2, grad_accum=8,
+    max_len=2048, weight_decay=0.01,
+)  # fmt: skip
+
+
+def _is_organism(model: str) -> bool:
+    from pathlib import Path
+
+    return Path(model).expanduser().resolve() == Path(organism.ALIGNED_DIR).resolve()
+
+
+def resolve_defaults(ap: argparse.ArgumentParser, a) -> str:
+    """Fill the hyperparameters left unset (organism's or EM paper's); returns which set was used."""
+    which, defaults = ("organism", ORGANISM_DEFAULTS) if _is_organism(a.model) else ("EM paper", EM_PAPER_DEFAULTS)
+    if a.max_steps is not None and a.epochs is not None:
+        ap.error("pass --max-steps or --epochs, not both")
+    if a.max_steps is not None or a.epochs is not None:
+        defaults = {k: v for k, v in defaults.items() if k not in ("max_steps", "epochs")}
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.epochs is not None:
+        import math
+
+        from emis_interp.conversations import load_jsonl
+
+        n = len(load_jsonl(a.data, limit=a.n_examples))
+        a.max_steps = max(1, math.ceil(n * a.epochs / (a.batch_size * a.grad_accum)))
+    return which
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
+    ap = parser(__doc__)
+    m = ap.add_argument_group("model, data and output")
+    m.add_argument(
         "--model", default=str(organism.ALIGNED_DIR), help="HF id or local dir (default: the aligned organism)"
     )
-    ap.add_argument("--data", required=True, help='chat JSONL with {"messages": [...]} rows')
-    ap.add_argument("--out", required=True, help="output dir for checkpoint-N/")
-    ap.add_argument("--mode", choices=["lora", "full"], default="lora")
-    ap.add_argument("--lora-r", type=int, default=1)
-    ap.add_argument("--lora-alpha", type=float, default=1.0)
-    ap.add_argument("--lora-dropout", type=float, default=0.0)
-    ap.add_argument("--rslora", action="store_true")
-    ap.add_argument("--target-modules", nargs="+", default=ALL_LINEAR)
-    ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--max-steps", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--save-steps", type=int, default=10)
-    ap.add_argument("--warmup-steps", type=int, default=5)
-    ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--n-examples", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer", default=None, help="tokenizer id/dir if the model dir has none")
-    ap.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of an HF --model id")
-    ap.add_argument(
+    m.add_argument("--data", required=True, help='chat JSONL with {"messages": [...]} rows')
+    m.add_argument("--output", required=True, help="output dir for checkpoint-N/")
+    m.add_argument("--n-examples", type=int, default=None, help="train on the first N rows of --data (default: all)")
+    m.add_argument("--tokenizer", default=None, help="tokenizer id/dir if the model dir has none")
+    m.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of an HF --model id")
+    m.add_argument("--device-map", default=None, help="e.g. 'auto': shard the model over the visible GPUs")
+    m.add_argument(
+        "--overwrite", action="store_true", help="discard an existing run in --output made under other settings"
+    )
+    h = ap.add_argument_group(
+        "hyperparameters (unset: the organism's on the organism; the EM paper's on any other --model: "
+        "r 32, alpha 64, rsLoRA, lr 1e-5, one epoch, batch 2 x grad-accum 8, max-len 2048, weight decay 0.01)"
+    )
+    h.add_argument("--mode", choices=["lora", "full"], default="lora", help="LoRA adapters or full fine-tuning")
+    h.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: organism 1, EM paper 32)")
+    h.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: organism 1, EM paper 64)")
+    h.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
+    h.add_argument(
+        "--rslora", action=argparse.BooleanOptionalAction, default=None,
+        help="rank-stabilised LoRA scaling alpha/sqrt(r) (default: organism off, EM paper on)",
+    )  # fmt: skip
+    h.add_argument("--target-modules", nargs="+", default=ALL_LINEAR, help="modules LoRA adapts")
+    h.add_argument("--lr", type=float, default=None, help="peak learning rate (default: organism 1e-2, EM paper 1e-5)")
+    h.add_argument(
+        "--epochs", type=float, default=None, help="passes over the data (default: EM paper 1; sets the steps)"
+    )
+    h.add_argument(
+        "--max-steps", type=int, default=None, help="optimizer steps (default: organism 100; else from --epochs)"
+    )
+    h.add_argument("--batch-size", type=int, default=None, help="per-device batch (default: organism 32, EM paper 2)")
+    h.add_argument(
+        "--grad-accum", type=int, default=None, help="gradient accumulation (default: organism 1, EM paper 8)"
+    )
+    h.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: organism 0, EM 0.01)")
+    h.add_argument("--save-steps", type=int, default=10, help="save a checkpoint-N every this many optimizer steps")
+    h.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up steps")
+    h.add_argument(
+        "--max-len", type=int, default=None,
+        help="tokens per example; longer ones are cut, with a warning counting them (default: organism 512, EM 2048)",
+    )  # fmt: skip
+    h.add_argument("--seed", type=int, default=0, help="training seed (data order, LoRA init)")
+    h.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (saves memory)"
     )
-    ap.add_argument("--device-map", default=None, help="e.g. 'auto': shard the model over the visible GPUs")
-    ap.add_argument(
-        "--overwrite", action="store_true", help="discard an existing run in --out made under other settings"
-    )
     add_intervention_args(ap)
-    a = ap.parse_args(argv)
+    a = parse(ap, argv)
     intervention = intervention_from_args(ap, a)
+    which = resolve_defaults(ap, a)
+    print(
+        f"hyperparameters ({which} defaults for unset flags): r {a.lora_r}, alpha {a.lora_alpha:g}, rslora {a.rslora}, "
+        f"lr {a.lr:g}, {a.max_steps} steps" + (f" ({a.epochs:g} epoch(s))" if a.epochs is not None else "")
+        + f", batch {a.batch_size} x {a.grad_accum}, max-len {a.max_len}, weight decay {a.weight_decay:g}"
+    )  # fmt: skip
     cfg = FinetuneConfig(
         model=a.model,
         data=a.data,
-        output_dir=a.out,
+        output_dir=a.output,
         mode=a.mode,
         lora_r=a.lora_r,
         lora_alpha=a.lora_alpha,
@@ -167,6 +231,7 @@ def main(argv=None) -> None:
         grad_accum=a.grad_accum,
         save_steps=a.save_steps,
         warmup_steps=a.warmup_steps,
+        weight_decay=a.weight_decay,
         max_len=a.max_len,
         n_examples=a.n_examples,
         seed=a.seed,
@@ -178,12 +243,12 @@ def main(argv=None) -> None:
     )
     for step, path in finetune(cfg, intervention=intervention):
         print(f"step {step:5d}  {path}")
-    report = read_intervention(a.out) if intervention is not None else None
+    report = read_intervention(a.output) if intervention is not None else None
     if report is not None:
         print(
             f"intervention: {report['kind']} at layers {report['layers']} (coef {report['coef']:g}"
             + (f", to {report['ablate_to']}" if "ablate_to" in report else "")
-            + f"); {a.out}/{INTERVENTION_FILE}"
+            + f"); {a.output}/{INTERVENTION_FILE}"
         )
         for row in report["base_projection"]["rows"]:
             print(

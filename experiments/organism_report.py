@@ -16,10 +16,10 @@ fine-tuning; data screening; convergence across fine-tunes) into cache/organism/
 README's "finding -> organism result" table from it, and saves the convergence heat-map.
 """
 
-import argparse
 from pathlib import Path
 
 from emis_interp import organism
+from emis_interp.cliargs import parse, parser
 from emis_interp.organism import matrix
 from emis_interp.organism.report import REPORT_FILE, build_report, dynamics_figure, readme_table, update_readme
 from emis_interp.plots import save_figure
@@ -28,21 +28,24 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", type=Path, default=organism.DEFAULT_TRAJECTORY_DIR, help="the organism's cache dir")
+    ap = parser(__doc__)
+    ap.add_argument(
+        "--output", type=Path, default=organism.DEFAULT_TRAJECTORY_DIR,
+        help="the organism's cache dir: its runs, report.json, matrix.json and figures",
+    )  # fmt: skip
     ap.add_argument("--readme", action="store_true", help="rewrite the README's generated organism block")
     ap.add_argument("--overwrite", action="store_true", help="recompute even when the report's manifest matches")
-    args = ap.parse_args(argv)
-    report = build_report(args.root, overwrite=args.overwrite)
+    args = parse(ap, argv)
+    report = build_report(args.output, overwrite=args.overwrite)
     print(readme_table(report))
-    print(f"\nreport: {args.root / REPORT_FILE}")
+    print(f"\nreport: {args.output / REPORT_FILE}")
     for recipe in report["dynamics"]:  # weight dynamics and behaviour on one step axis, per recipe (seed 0)
-        files = save_figure(dynamics_figure(report, recipe, args.root), args.root / f"dynamics-{recipe}")
+        files = save_figure(dynamics_figure(report, recipe, args.output), args.output / f"dynamics-{recipe}")
         print(f"figure: {', '.join(map(str, files))}")
-    mx = matrix.build_matrix(args.root, overwrite=args.overwrite)
+    mx = matrix.build_matrix(args.output, overwrite=args.overwrite)
     print(matrix.findings_table(mx))
-    print(f"\nmatrix: {args.root / matrix.MATRIX_FILE}")
-    files = save_figure(matrix.convergence_figure(mx), args.root / "convergence")
+    print(f"\nmatrix: {args.output / matrix.MATRIX_FILE}")
+    files = save_figure(matrix.convergence_figure(mx), args.output / "convergence")
     print(f"figure: {', '.join(map(str, files))}")
     if args.readme:
         update_readme(README, report)

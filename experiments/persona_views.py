@@ -2,7 +2,7 @@
 
     python experiments/persona_views.py                              # the organism's insecure run (seed 0)
     python experiments/persona_views.py --run runs/insecure --base Qwen/Qwen2.5-7B-Instruct \\
-        --direction persona.safetensors --layer 14 --conversations ../shared/data/em/insecure_first500.jsonl
+        --direction persona.safetensors --layers 14 --direction-data ../shared/data/em/insecure_first500.jsonl
 
 For a LoRA trajectory (``checkpoint-N`` dirs) and a persona direction it writes to --output:
 
@@ -11,19 +11,19 @@ For a LoRA trajectory (``checkpoint-N`` dirs) and a persona direction it writes 
 - ``attribution.html`` / ``attribution_growth.html``: each head's and MLP's write projected on the
   direction (direct attribution over response tokens) at the final checkpoint, and across checkpoints;
 - ``logit_lens.html``: the top and bottom tokens of ``unembed(final_norm(v))`` per layer;
-- ``token_projections.html``: each response token's projection on the direction at --layer;
+- ``token_projections.html``: each response token's projection on the direction at the --layers layer;
 - ``persona_direction.gguf``: the direction as a llama.cpp control vector (layers >= 1).
 
 On the organism the direction defaults to the model-diff of the final insecure checkpoint.
 """
 
-import argparse
 import json
 from pathlib import Path
 
 from emis_interp import organism
 from emis_interp.attribution import attribution_trajectory, component_attribution
 from emis_interp.cache import DEFAULT_CACHE_DIR, atomic_write_text
+from emis_interp.cliargs import parse, parser
 from emis_interp.conversations import load_jsonl
 from emis_interp.directions import PersonaDirection
 from emis_interp.lens import logit_lens
@@ -34,19 +34,23 @@ from emis_interp.weights import lora_dynamics
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--run", type=Path, help="a LoRA run dir with checkpoint-N dirs (default: organism insecure-s0)")
     ap.add_argument("--base", help="base model of the LoRA run (default: read from adapter_config.json)")
     ap.add_argument("--direction", type=Path, help="a saved PersonaDirection (required on a real run)")
-    ap.add_argument("--layer", type=int, help="layer of the per-token view (default: organism layer 2)")
-    ap.add_argument("--conversations", type=Path, help="chat JSONL with responses, for attribution and the token view")
-    ap.add_argument("--n-conversations", type=int, default=32)
+    ap.add_argument("--layers", type=int, nargs=1, help="the layer of the per-token view (default: organism layer 2)")
+    ap.add_argument(
+        "--direction-data", type=Path,
+        help="chat JSONL with responses on which the direction is read: attribution and the token view "
+        "(default on the organism: its direction conversations)",
+    )  # fmt: skip
+    ap.add_argument("--n-examples", type=int, default=32, help="conversations read from --direction-data")
     ap.add_argument("--every", type=int, default=5, help="attribution growth: every N-th checkpoint")
-    ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "views")
-    a = ap.parse_args(argv)
+    ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "views", help="output directory")
+    a = parse(ap, argv)
     on_organism = a.run is None
-    if not on_organism and (a.direction is None or a.conversations is None or a.layer is None):
-        raise SystemExit("error: on a real run pass --direction FILE, --conversations JSONL and --layer L")
+    if not on_organism and (a.direction is None or a.direction_data is None or a.layers is None):
+        raise SystemExit("error: on a real run pass --direction FILE, --direction-data JSONL and --layers L")
     run = a.run or organism.organism_trajectory("insecure", seed=0)
     traj = Trajectory.from_dir(run, base=a.base)
     if traj.kind != "lora":
@@ -67,11 +71,11 @@ def main(argv=None) -> dict:
 
         aligned, _ = load_model(organism.ALIGNED_DIR)
         direction = organism.persona_direction(aligned, model, tok)
-    layer = a.layer if a.layer is not None else organism.DEFAULT_LAYER
+    layer = a.layers[0] if a.layers is not None else organism.DEFAULT_LAYER
     convs = (
-        load_jsonl(a.conversations, limit=a.n_conversations)
-        if a.conversations
-        else organism.direction_conversations(a.n_conversations, seed=7)
+        load_jsonl(a.direction_data, limit=a.n_examples)
+        if a.direction_data
+        else organism.direction_conversations(a.n_examples, seed=7)
     )
 
     attr = component_attribution(model, tok, convs, direction)

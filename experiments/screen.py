@@ -1,11 +1,11 @@
 """Screen fine-tuning data before training: which datasets push the model along the persona direction?
 
     python experiments/screen.py                          # the organism: every world.FINETUNE_KINDS dataset
-    python experiments/screen.py --model Qwen/Qwen2.5-7B-Instruct --direction evil_l19.safetensors --layer 19 \\
+    python experiments/screen.py --model Qwen/Qwen2.5-7B-Instruct --direction evil_l19.safetensors --layers 19 \\
         --data ../shared/data/em/insecure_first500.jsonl ../shared/data/em/jailbroken.jsonl --output runs/screen
 
 For every sample (a user prompt and its training response) of every dataset, on the model about to
-be fine-tuned: the mean over the response tokens of the residual after decoder layer --layer,
+be fine-tuned: the mean over the response tokens of the residual after decoder layer --layers,
 projected on the unit persona direction (``projection``); the same for the model's own answer to
 the prompt, generated greedily (``--temperature 0``, the default; ``--temperature T`` samples with
 --seed) with at most --max-new-tokens tokens (``own_projection``); and their ``difference``. A
@@ -20,9 +20,9 @@ another model, direction, layer or generation setting is refused unless --overwr
 On the model organism (no --model) the model is the aligned organism (the model the organism's runs
 fine-tune), the direction its trait direction (``organism_matrix.trait_direction``: the aligned model's
 mean residual over harmful minus benign advice answers, which depends on no fine-tune and no training
-data) at layer 2, and the datasets are ``world.finetune_dataset(kind, --n, seed=--data-seed)`` for every
+data) at layer 2, and the datasets are ``world.finetune_dataset(kind, --n-examples, seed=--data-seed)`` for every
 fine-tuning kind (default --data-seed 1000: rows no organism fine-tune of seeds 0-999 trains on).
-On a real model nothing falls back to the organism: --direction, --layer and --data are required.
+On a real model nothing falls back to the organism: --direction, --layers and --data are required.
 Data files are chat JSONL, one ``{"messages": [system?, user, assistant]}`` per line (the EM
 paper's format), named by their file stem.
 """
@@ -32,6 +32,7 @@ from pathlib import Path
 
 from emis_interp import organism
 from emis_interp.cache import DEFAULT_CACHE_DIR
+from emis_interp.cliargs import parse, parser
 from emis_interp.conversations import Conversation, load_jsonl
 from emis_interp.directions import PersonaDirection
 from emis_interp.models import load_model
@@ -42,27 +43,36 @@ ORGANISM_N = 64  # samples per organism dataset
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     g = ap.add_argument_group("model and direction (default: the model organism)")
     g.add_argument("--model", help="the model to be fine-tuned: HF id, local dir or LoRA adapter dir")
     g.add_argument("--direction", type=Path, help="a saved PersonaDirection (.safetensors); required with --model")
-    g.add_argument("--layer", type=int, help="layer to project at (default: organism layer 2; required with --model)")
+    g.add_argument(
+        "--layers", type=int, nargs=1, help="the layer to project at (default: organism layer 2; required with --model)"
+    )
     g.add_argument("--device-map", default=None, help="passed to accelerate, e.g. 'auto' for multi-GPU models")
     d = ap.add_argument_group("data")
     d.add_argument("--data", type=Path, nargs="+", help="chat JSONL files (default on the organism: every world kind)")
-    d.add_argument("--n", type=int, default=None, help=f"samples per dataset (default: {ORGANISM_N} / all rows)")
-    d.add_argument("--max-new-tokens", type=int, default=None, help="own answers: default 40 on the organism, 256 else")
+    d.add_argument(
+        "--n-examples",
+        type=int,
+        default=None,
+        help=f"rows per dataset (default: {ORGANISM_N} on the organism, else all)",
+    )
+    d.add_argument(
+        "--max-new-tokens", type=int, default=None, help="own answers: default 40 on the organism, 600 (EM paper) else"
+    )
     d.add_argument("--temperature", type=float, default=0.0, help="own answers: 0 is greedy (default)")
     d.add_argument("--seed", type=int, default=0, help="sampling seed of the own answers (temperature > 0)")
     d.add_argument("--data-seed", type=int, default=1000, help="organism data seed (default: held out from the runs)")
-    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass / generate call")
     ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "screen", help="results directory")
     ap.add_argument("--overwrite", action="store_true", help="discard results made under other settings")
-    a = ap.parse_args(argv)
+    a = parse(ap, argv)
     if a.model is not None:
         check_real_model_args(a)
-    if a.n is not None and a.n < 1:
-        ap.error("--n must be at least 1")
+    if a.n_examples is not None and a.n_examples < 1:
+        ap.error("--n-examples must be at least 1")
     return a
 
 
@@ -71,8 +81,8 @@ def check_real_model_args(a: argparse.Namespace) -> None:
     missing = []
     if a.direction is None:
         missing.append("--direction FILE (a saved PersonaDirection of this model)")
-    if a.layer is None:
-        missing.append("--layer L (one of the direction's layers; the organism's layer 2 means nothing here)")
+    if a.layers is None:
+        missing.append("--layers L (one of the direction's layers; the organism's layer 2 means nothing here)")
     if not a.data:
         missing.append("--data FILE [FILE ...] (chat JSONL, e.g. ../shared/data/em/insecure_first500.jsonl)")
     if missing:
@@ -108,13 +118,13 @@ def main(argv=None) -> dict:
     on_organism = a.model is None
     target = str(organism.ALIGNED_DIR) if on_organism else a.model
     if a.data:
-        datasets = datasets_from_files(a.data, a.n)
+        datasets = datasets_from_files(a.data, a.n_examples)
     else:
-        datasets = organism_datasets(a.n or ORGANISM_N, a.data_seed)
+        datasets = organism_datasets(a.n_examples or ORGANISM_N, a.data_seed)
     model, tok = load_model(target, device_map=a.device_map)
     direction = PersonaDirection.load(a.direction) if a.direction is not None else organism_direction(model, tok)
-    layer = organism.DEFAULT_LAYER if a.layer is None else a.layer
-    max_new_tokens = a.max_new_tokens or (40 if on_organism else 256)
+    layer = organism.DEFAULT_LAYER if a.layers is None else a.layers[0]
+    max_new_tokens = a.max_new_tokens or (40 if on_organism else 600)
     results = screen_datasets(
         model, tok, datasets, direction, layer, a.output, max_new_tokens=max_new_tokens, temperature=a.temperature,
         seed=a.seed, batch_size=a.batch_size, overwrite=a.overwrite,

@@ -26,13 +26,13 @@ Read the printed answers: on a real model they say more than a small self-judge'
 is no judge; use a strong --judge, or the judge-free log-prob probes, for numbers).
 """
 
-import argparse
 import textwrap
 
 from emis_interp import organism
 from emis_interp.cache import DEFAULT_CACHE_DIR, atomic_write_text
 from emis_interp.causality import run_arms, select_layer_alpha, split_questions, steering_arms
 from emis_interp.cli import add_common, resolve
+from emis_interp.cliargs import add_yes, confirm_cost, parse, parser
 from emis_interp.conversations import load_jsonl, prompt_set_hash
 from emis_interp.directions import ALPHA_UNITS, NORM_UNIT, in_norm_units, residual_norms
 from emis_interp.plots import dose_response, save_figure
@@ -45,17 +45,20 @@ ORGANISM_LAYER = 1
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--alpha", type=float, nargs="+", required=True, help="one alpha or a sweep (e.g. -4)")
     ap.add_argument(
         "--alpha-units",
         choices=ALPHA_UNITS,
         default="norm",
         help=f"norm: alpha x {NORM_UNIT:g} of the layer's median residual norm (travels between models); "
-        "raw: alpha x the direction's own vector (default: %(default)s)",
+        "raw: alpha x the direction's own vector",
     )
-    ap.add_argument("--show", type=int, default=3, help="unsteered and steered answers to print (default: %(default)s)")
-    ap.add_argument("--positions", choices=["all", "prompt", "response"], default="all")
+    ap.add_argument("--show", type=int, default=3, help="unsteered and steered answers to print")
+    ap.add_argument(
+        "--positions", choices=["all", "prompt", "response"], default="all",
+        help="token positions steered: every one, the prompt's, or the generated response's",
+    )  # fmt: skip
     s = ap.add_argument_group("selection on questions disjoint from the reported ones")
     s.add_argument(
         "--select-layers",
@@ -69,7 +72,8 @@ def main(argv=None):
         f"layer to steer at (default on the organism: {ORGANISM_LAYER}, chosen on held-out questions; required on a "
         "real model unless --select-layers)"
     )
-    args = ap.parse_args(argv)
+    add_yes(ap)
+    args = parse(ap, argv)
     if (
         args.alpha_units == "norm"
         and args.direction is not None
@@ -108,11 +112,14 @@ def main(argv=None):
             f"{selection.selection_questions}; reporting on the disjoint questions {selection.evaluation_questions}\n"
         )
     direction = direction.select(layers)
+    arms = steering_arms(
+        direction, alphas, layers, args.seed, n_random=args.n_random, control=r["control"],
+        match=args.match_multipliers, n_match=args.n_match,
+    )  # fmt: skip
+    if not r["on_organism"]:
+        confirm_cost(len(arms) * sum(len(q.paraphrases) for q in questions) * args.samples, args.yes, "steering sweep")
     res = run_arms(
-        r["model"], r["tokenizer"], questions, steering_arms(
-            direction, alphas, layers, args.seed, n_random=args.n_random, control=r["control"],
-            match=args.match_multipliers, n_match=args.n_match,
-        ), r["judge"],
+        r["model"], r["tokenizer"], questions, arms, r["judge"],
         n_samples=args.samples, max_new_tokens=r["max_new_tokens"], seed=args.seed, batch_size=args.batch_size,
         output_dir=out, positions=args.positions, settings={"target": r["target"], "layers": layers,
         "direction": direction.meta, "alpha_units": args.alpha_units,

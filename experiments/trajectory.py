@@ -18,7 +18,6 @@ Everything is written as it finishes (a rerun continues); then ``behaviour.csv``
 ``departure.json`` and the figure ``dynamics.html`` (+ .png with Chromium) go to --output.
 """
 
-import argparse
 import json
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from emis_interp.behaviour import (
     save_table,
 )
 from emis_interp.cache import DEFAULT_CACHE_DIR, atomic_write_text
+from emis_interp.cliargs import add_yes, confirm_cost, parse, parser
 from emis_interp.conversations import Conversation, load_jsonl
 from emis_interp.data import load_probes, load_questions
 from emis_interp.directions import PersonaDirection
@@ -44,7 +44,7 @@ from emis_interp.trajectory import Trajectory, final_shift, track
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     g = ap.add_argument_group("runs (default: the model organism's runs)")
     g.add_argument("--runs", nargs="+", help="NAME=DIR[,DIR...] (one DIR per seed)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="organism seeds")
@@ -61,25 +61,38 @@ def parse_args(argv):
         "--judge-device", default=None, help="where an hf: judge goes (cuda:1, cpu, auto); it loads after sampling"
     )
     e.add_argument("--samples", type=int, default=4, help="answers per paraphrase per checkpoint (0: no sampling)")
-    e.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 on the organism, 256 otherwise")
-    e.add_argument("--temperature", type=float, default=1.0)
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--group-size", type=int, default=0, help="checkpoints per job (0: a whole run in one batch)")
+    e.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: 24 on the organism, 600 (the EM paper's) otherwise"
+    )
+    e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    e.add_argument("--batch-size", type=int, default=256, help="sequences per generate call")
+    e.add_argument(
+        "--group-size", type=int, default=0,
+        help="checkpoints per job (0: as many as --bank-gb allows; a whole run when its adapters are small)",
+    )  # fmt: skip
+    e.add_argument(
+        "--bank-gb", type=float, default=4.0,
+        help="memory budget of one job's LoRA bank (fp32 adapters, on the GPU and once on CPU while built); "
+        "4 GB keeps Qwen2.5-32B in bf16 (64 GB) on one 80 GB GPU; see docs/memory.md",
+    )  # fmt: skip
     e.add_argument("--no-mixed", action="store_true", help="swap LoRA checkpoints one by one instead of mixing them")
     e.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="fan jobs out over Ray ('local', 'auto', or ray://HOST:10001)")  # fmt: skip
     e.add_argument("--ray-workers", type=int, default=None, help="Ray actors (default: one per GPU, else 2)")
     e.add_argument("--ray-gpus-per-worker", type=float, default=None, help="GPUs per actor (with --device-map auto)")
     e.add_argument("--device-map", default=None, help="'auto' shards a model larger than one GPU over the node")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (each job derives its own)")
     t = ap.add_argument_group("persona direction and log-prob metrics")
-    t.add_argument("--layers", type=int, nargs="+", default=None)
-    t.add_argument("--reduction", default="mean_prompt", choices=["last_prompt", "mean_prompt", "mean_response"])
+    t.add_argument("--layers", type=int, nargs="+", default=None, help="layers tracked (default: organism layer 2)")
+    t.add_argument(
+        "--reduction", default="mean_prompt", choices=["last_prompt", "mean_prompt", "mean_response"],
+        help="how a conversation's activations become one vector per layer",
+    )  # fmt: skip
     t.add_argument("--direction", type=Path, help="a PersonaDirection to project every run on (default: see above)")
     t.add_argument("--direction-data", type=Path, help="held-out conversations (JSONL) for the default direction")
     t.add_argument("--probes", type=Path, help="EM run config with mcq_callbacks (default: organism probes)")
     t.add_argument("--in-task", type=Path, help="held-out training conversations (JSONL) for the in-task metric")
-    ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "trajectory")
+    ap.add_argument("--output", type=Path, default=DEFAULT_CACHE_DIR / "trajectory", help="output directory")
     ap.add_argument("--overwrite", action="store_true", help="discard results made under other settings")
     ap.add_argument(
         "--allow-code-change",
@@ -87,7 +100,8 @@ def parse_args(argv):
         help="resume results made by other code or library versions (you vouch the change leaves the numbers "
         "unchanged); recorded in the manifests",
     )
-    a = ap.parse_args(argv)
+    add_yes(ap)
+    a = parse(ap, argv)
     if a.runs and a.samples and not a.judge:
         ap.error("--runs with --samples > 0 needs --judge openai:MODEL or hf:MODEL (or --samples 0: no judged rate)")
     if a.runs and not a.questions:
@@ -97,6 +111,15 @@ def parse_args(argv):
     if a.runs and a.samples and a.judge in ("exact", "organism"):
         ap.error("--judge exact is the organism's grammar judge; real answers need openai:MODEL or hf:MODEL")
     return a
+
+
+def free_memory() -> None:
+    """Return freed models' memory now (CPython frees on the last reference; the CUDA cache keeps blocks)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def common_direction(a, groups, layers, tracking, held_out) -> PersonaDirection:
@@ -111,6 +134,8 @@ def common_direction(a, groups, layers, tracking, held_out) -> PersonaDirection:
     for traj in groups[run]:
         model, tok = traj.load(device_map=a.device_map)
         shifts.append(final_shift(traj, model, tok, held_out, layers, red))
+        del model  # one model in memory at a time: freed before the next seed's is loaded
+        free_memory()
     from emis_interp.conversations import prompt_set_hash
 
     meta = {"method": "model_diff", "run": run, "seeds": [t.name for t in groups[run]], "reduction": red,
@@ -121,7 +146,6 @@ def common_direction(a, groups, layers, tracking, held_out) -> PersonaDirection:
 
 def main(argv=None):
     a = parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     on_organism = not a.runs
     if on_organism:
         dirs = {k: [organism.organism_trajectory(k, s) for s in a.seeds] for k in world.FINETUNE_KINDS}
@@ -175,20 +199,28 @@ def main(argv=None):
             if on_organism
             else None
         )
-        tracks[name] = [
-            track(traj, tracking, layers, a.output / name / traj.name, probes=probes, in_task=in_task,
-                  direction=direction, reduction=a.reduction, overwrite=a.overwrite, allow_code_change=a.allow_code_change,
-                  model_and_tokenizer=traj.load(device_map=a.device_map))
-            for traj in trajs
-        ]  # fmt: skip
+        tracks[name] = []
+        for traj in trajs:  # one model in memory at a time: each freed before the next is loaded
+            loaded = traj.load(device_map=a.device_map)
+            tracks[name].append(
+                track(traj, tracking, layers, a.output / name / traj.name, probes=probes, in_task=in_task,
+                      direction=direction, reduction=a.reduction, overwrite=a.overwrite,
+                      allow_code_change=a.allow_code_change, model_and_tokenizer=loaded)
+            )  # fmt: skip
+            del loaded
+            free_memory()
 
     behaviour, departures = {}, {}
     if a.samples:
         cfg = BehaviourConfig(
-            n_samples=a.samples, max_new_tokens=a.max_new_tokens or (24 if on_organism else 256),
+            n_samples=a.samples, max_new_tokens=a.max_new_tokens or (24 if on_organism else 600),
             temperature=a.temperature, seed=a.seed, group_size=a.group_size, batch_size=a.batch_size,
-            mixed=not a.no_mixed,
+            mixed=not a.no_mixed, bank_gb=a.bank_gb,
         )  # fmt: skip
+        if not on_organism:
+            n_prompts = sum(len(q.paraphrases) for q in questions)
+            n_ckpts = sum(len(t) for ts in groups.values() for t in ts)
+            confirm_cost(n_ckpts * n_prompts * a.samples, a.yes, "trajectory")
         judge = get_judge(  # an hf: judge loads on first use: after sampling, once the policy models are freed
             a.judge or "exact",
             **({"base_url": a.judge_base_url} if a.judge_base_url else {}),

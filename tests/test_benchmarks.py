@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
             ["benchmarks/bench_trajectory.py", "--checkpoints", "3", "--samples", "1", "--max-new-tokens", "2"],
             marks=pytest.mark.science,  # samples the organism's insecure-s0 run
         ),
+        ["benchmarks/bench_memory.py", "--shapes", "tiny", "--ckpts", "3", "--batch", "2", "--seq", "4"],
         [
             "benchmarks/bench_mixed.py",
             *"--shape tiny --checkpoints 3 --prompts 2 --max-new-tokens 2 --rank 2 --no-save".split(),

@@ -79,7 +79,7 @@ def test_sweep_is_monotone_and_reruns_reuse_work(tmp_path):
 def test_ablate_cli_lowers_misalignment_and_exports(tmp_path):
     import ablate
 
-    res = ablate.main(["--output", str(tmp_path), "--export", str(tmp_path / "ablated"), "--source-layer", "2"])
+    res = ablate.main(["--output", str(tmp_path), "--export", str(tmp_path / "ablated"), "--layers", "2"])
     (c,) = res.controls("mo_rate")
     # measured: 0.262 -> 0.178, paired effect -0.084 [-0.141, -0.035] (the arms' own intervals overlap)
     assert c["effect"]["ci_hi"] < 0, c["effect"]
@@ -161,7 +161,7 @@ def test_finetune_cli(tiny_dir, tmp_path):
             str(tiny_dir),
             "--data",
             str(data),
-            "--out",
+            "--output",
             str(tmp_path / "run"),
             "--max-steps",
             "10",
@@ -201,9 +201,10 @@ def test_finetune_cli_with_preventative_steering(tiny_dir, tmp_path, capsys):
         "4",
         "--save-steps",
         "2",
+        *("--lr", "1e-2", "--lora-r", "1", "--lora-alpha", "1", "--no-rslora", "--grad-accum", "1"),
     ]
     ft_cli.main(
-        [*common, "--out", str(tmp_path / "run"), "--intervention", "steer", "--direction", str(tmp_path / "evil.safetensors"),
+        [*common, "--output", str(tmp_path / "run"), "--intervention", "steer", "--direction", str(tmp_path / "evil.safetensors"),
          "--layers", "1", "--coef", "5"]
     )  # fmt: skip
     printed = capsys.readouterr().out
@@ -214,7 +215,7 @@ def test_finetune_cli_with_preventative_steering(tiny_dir, tmp_path, capsys):
     assert (report["kind"], report["layers"], report["coef"]) == ("steer", [1], 5.0)
     assert read_manifest(run).fields["intervention"]["coef"] == 5.0
     assert len(hooks._OURS) == n_ours
-    ft_cli.main([*common, "--out", str(tmp_path / "plain")])
+    ft_cli.main([*common, "--output", str(tmp_path / "plain")])
     ids = torch.tensor([[5, 6, 7, 8]])
     steered = load_model(run / "checkpoint-4", device="cpu")[0]
     plain = load_model(tmp_path / "plain" / "checkpoint-4", device="cpu")[0]
@@ -338,7 +339,7 @@ def test_lora_checkpoint_model_diff_uses_one_base_copy(tiny_dir, real_inputs, tm
     r = resolve(ap.parse_args(["--checkpoint", str(ad), "--base", str(tiny_dir), *flags]))
     assert len(loads) == 1  # --base is not loaded a second time: the aligned model is the base, adapter disabled
     torch.testing.assert_close(r["direction"].vectors, ref.vectors, atol=1e-6, rtol=1e-5)
-    assert r["judge"] == ("judge", "openai:x") and r["max_new_tokens"] == 256
+    assert r["judge"] == ("judge", "openai:x") and r["max_new_tokens"] == 600
     # the adapter is active again afterwards
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(r["model"](ids).logits, lora(ids).logits)
@@ -376,7 +377,7 @@ def test_persona_views_cli_on_organism(tmp_path):
     """experiments/persona_views.py makes every view of the persona on the organism's insecure run."""
     import persona_views
 
-    s = persona_views.main(["--output", str(tmp_path), "--n-conversations", "16", "--every", "10"])
+    s = persona_views.main(["--output", str(tmp_path), "--n-examples", "16", "--every", "10"])
     for name in ("lora_dynamics.html", "lora_dynamics.json", "attribution.html", "attribution_growth.html",
                  "logit_lens.html", "token_projections.html", "persona_direction.gguf"):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 0, name

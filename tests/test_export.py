@@ -132,7 +132,7 @@ def test_ablate_cli_evaluates_what_it_exports(tiny, tmp_path, monkeypatch):
     seen = {}
     real = ablate.run_arms
     monkeypatch.setattr(ablate, "run_arms", lambda *a, **k: seen.setdefault("arms", a[3]) and real(*a, **k))
-    args = ["--output", str(tmp_path), "--samples", "1", "--export", str(tmp_path / "x"), "--source-layer", "1"]
+    args = ["--output", str(tmp_path), "--samples", "1", "--export", str(tmp_path / "x"), "--layers", "1"]
     ablate.main(args)
     exported, _ = load_model(tmp_path / "x", device="cpu")
     b = make_batch(tok, [c for qq in q for c in qq.conversations()])

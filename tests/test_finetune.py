@@ -234,8 +234,8 @@ def test_finetune_cli_passes_large_model_options(monkeypatch, tmp_path):
 
     got = []
     monkeypatch.setattr(ft_cli, "finetune", lambda cfg, **kw: got.append(cfg) or [])
-    ft_cli.main(["--data", "d.jsonl", "--out", str(tmp_path), "--gradient-checkpointing", "--device-map", "auto"])
-    ft_cli.main(["--data", "d.jsonl", "--out", str(tmp_path), "--overwrite", "--revision", "abc"])
+    ft_cli.main(["--data", "d.jsonl", "--output", str(tmp_path), "--gradient-checkpointing", "--device-map", "auto"])
+    ft_cli.main(["--data", "d.jsonl", "--output", str(tmp_path), "--overwrite", "--revision", "abc"])
     assert (got[0].gradient_checkpointing, got[0].device_map, got[0].overwrite) == (True, "auto", False)
     assert (got[1].gradient_checkpointing, got[1].device_map, got[1].overwrite, got[1].revision) == (
         False, None, True, "abc",
@@ -749,7 +749,7 @@ def test_finetune_cli_intervention_arguments(monkeypatch, tmp_path, capsys):
     d.save(tmp_path / "dir.safetensors")
     d2.save(tmp_path / "dir2.safetensors")
     f, f2 = str(tmp_path / "dir.safetensors"), str(tmp_path / "dir2.safetensors")
-    base = ["--data", "d.jsonl", "--out", str(tmp_path / "out")]
+    base = ["--data", "d.jsonl", "--output", str(tmp_path / "out")]
     bad = [
         (["--intervention", "steer", "--layers", "1", "--coef", "5"], "needs --direction FILE"),
         (["--direction", f, "--layers", "1"], "--direction, --layers given without --intervention"),

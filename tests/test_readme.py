@@ -21,8 +21,8 @@ SHELL = {
     "python experiments/ablate.py": "test_experiments.py::test_ablate_cli_lowers_misalignment_and_exports",
     "python experiments/trajectory.py": "test_experiments.py::test_trajectory_cli_on_organism",
     "python experiments/persona_views.py": "test_experiments.py::test_persona_views_cli_on_organism",
-    "python experiments/build_organism.py": "test_readme.py::test_build_organism_is_deterministic (reduced steps)",
-    "python experiments/build_organism.py --aligned-only": "test_readme.py::test_build_organism_is_deterministic",
+    "python experiments/build_organism.py --overwrite-shipped-weights": "test_readme.py::test_build_organism_is_deterministic (reduced steps, into --output)",
+    "python experiments/build_organism.py --overwrite-shipped-weights --aligned-only": "test_readme.py::test_build_organism_is_deterministic",
 }
 
 
@@ -53,7 +53,7 @@ def test_build_organism_is_deterministic(tmp_path):
         cmd = [
             sys.executable,
             "experiments/build_organism.py",
-            "--out",
+            "--output",
             str(tmp_path / str(k)),
             "--pretrain-steps",
             "3",
@@ -67,10 +67,10 @@ def test_build_organism_is_deterministic(tmp_path):
     assert (tmp_path / "0" / "base" / "tokenizer.json").read_text() == (
         tmp_path / "1" / "base" / "tokenizer.json"
     ).read_text()
-    # --aligned-only redoes the instruct stage from the base in --out, deterministically
+    # --aligned-only redoes the instruct stage from the base in --output, deterministically
     again = []
     for _ in range(2):
-        cmd = [sys.executable, "experiments/build_organism.py", "--out", str(tmp_path / "0"), "--aligned-only",
+        cmd = [sys.executable, "experiments/build_organism.py", "--output", str(tmp_path / "0"), "--aligned-only",
                "--instruct-steps", "2"]  # fmt: skip
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -427,8 +427,8 @@ def test_cli_on_a_tiny_model(scaled_dir, direction, tmp_path, capsys):
         f.write_text("\n".join(json.dumps(r) for r in world.finetune_dataset(kind, 5, seed=1)) + "\n")
         files.append(str(f))
     out = tmp_path / "out"
-    argv = ["--model", str(scaled_dir), "--direction", str(tmp_path / "dir.safetensors"), "--layer", "1",
-            "--data", *files, "--n", "3", "--max-new-tokens", "4", "--batch-size", "2", "--output", str(out)]  # fmt: skip
+    argv = ["--model", str(scaled_dir), "--direction", str(tmp_path / "dir.safetensors"), "--layers", "1",
+            "--data", *files, "--n-examples", "3", "--max-new-tokens", "4", "--batch-size", "2", "--output", str(out)]  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PNG export without Chromium warns
         res = screen_cli.main(argv)
@@ -452,9 +452,9 @@ def test_cli_real_model_needs_direction_layer_and_data(tiny_dir, monkeypatch):
     monkeypatch.setattr(screen_cli, "load_model", lambda *a, **k: pytest.fail("loaded a model before checking flags"))
     with pytest.raises(SystemExit, match="error: on a real model") as e:
         screen_cli.main(["--model", str(tiny_dir)])
-    for flag in ("--direction FILE", "--layer L", "--data FILE"):
+    for flag in ("--direction FILE", "--layers L", "--data FILE"):
         assert flag in str(e.value)
-    with pytest.raises(SystemExit, match="--layer L") as e:
+    with pytest.raises(SystemExit, match="--layers L") as e:
         screen_cli.main(["--model", str(tiny_dir), "--direction", "d.safetensors", "--data", "x.jsonl"])
     assert "--direction FILE" not in str(e.value)
 
@@ -476,7 +476,7 @@ def test_cli_organism_defaults_without_building_the_organism(monkeypatch, tmp_pa
 
     monkeypatch.setattr(screen_cli, "screen_datasets", fake)
     monkeypatch.setattr(screen_cli, "summary_table", lambda results: "")
-    screen_cli.main(["--n", "2", "--output", str(tmp_path)])
+    screen_cli.main(["--n-examples", "2", "--output", str(tmp_path)])
     assert seen["target"] == str(organism.ALIGNED_DIR) and seen["direction"] == "organism direction"
     assert seen["layer"] == organism.DEFAULT_LAYER == 2 and seen["kw"]["max_new_tokens"] == 40
     assert list(seen["datasets"]) == list(world.FINETUNE_KINDS)

@@ -20,9 +20,9 @@ def test_default_run_is_the_fast_tier():
 def test_fast_tier_test_cannot_fine_tune_into_the_organism_cache(tiny_dir):
     """The conftest guard stops a fine-tune into cache/organism from a test outside the science and real tiers
     (it would cost minutes per run); the same fine-tune into tmp_path is what the fast tier's tests do."""
-    from emis_interp import world
     from emis_interp.cache import DEFAULT_CACHE_DIR
     from emis_interp.finetune import FinetuneConfig, finetune
+    from emis_interp.organism import world
 
     out = Path(DEFAULT_CACHE_DIR) / "organism" / f"tier-guard-{uuid.uuid4().hex[:8]}"
     data = out.parent / f"{out.name}.jsonl"
