@@ -71,7 +71,7 @@ def old_apply_heads(iv, layer, z, out, o_proj, n_heads):
 
 
 def old_lora_dynamics(path):
-    from emis_interp.weights import read_adapter
+    from emis_interp.adapters import read_adapter
 
     run = sorted(Path(path).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     ads = [read_adapter(p) for p in run]

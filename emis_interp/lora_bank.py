@@ -301,7 +301,7 @@ def checkpoint_bank_bytes(path: str | Path) -> int:
     read from the safetensors header (no tensor is loaded)."""
     from safetensors import safe_open
 
-    from .weights import _adapter_file
+    from .adapters import _adapter_file
 
     n = 0
     with safe_open(str(_adapter_file(Path(path))), framework="pt") as f:

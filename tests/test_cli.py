@@ -200,7 +200,7 @@ def test_steer_on_a_real_model_states_its_cost_before_generating(tiny_dir, tmp_p
     monkeypatch.setattr(steer, "run_arms", lambda *a, **k: ran.append(a) or (_ for _ in ()).throw(RuntimeError("ran")))
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     argv = ["--model", str(tiny_dir), "--direction", str(tmp_path / "d.safetensors"), "--questions", str(q),
-            "--judge", "openai:x", "--layers", "1", "--alpha", "-4", "4", "--samples", "200"]  # fmt: skip
+            "--judge", "openai:x", "--layers", "1", "--alpha", "-4", "4", "--alpha-units", "raw", "--samples", "200"]  # fmt: skip
     with pytest.raises(SystemExit, match="pass --yes"):
         steer.main(argv)
     out = capsys.readouterr().out

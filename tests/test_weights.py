@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from emis_interp.adapters import read_adapter
 from emis_interp.errors import ConfigError
-from emis_interp.weights import LoraDynamics, frobenius_inner, local_cosine, lora_dynamics, read_adapter
+from emis_interp.weights import LoraDynamics, frobenius_inner, local_cosine, lora_dynamics
 
 PFX = "base_model.model.model.layers.0"
 
