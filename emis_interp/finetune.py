@@ -51,6 +51,7 @@ from .cache import atomic_write_text
 from .conversations import Conversation, load_jsonl, tokenize_conversation
 from .directions import PersonaDirection
 from .errors import ConfigError, check_nonempty
+from .gguf import file_sha256, is_gguf
 from .hooks import release_compile_guard
 from .interventions import Intervention, steer
 from .manifest import (
@@ -209,6 +210,8 @@ def _save_step0(model, tokenizer, out: Path, cfg: FinetuneConfig) -> None:
 def model_identity(name_or_path: str, revision: str | None = None) -> dict:
     """What identifies a model for a manifest: a local dir's file digest, or an HF id and revision."""
     p = Path(str(name_or_path)).expanduser()
+    if is_gguf(p) and p.is_file():
+        return {"gguf_sha256": file_sha256(p)}
     if p.is_dir():
         ident = {"local_dir": dir_digest(p)}
         if (p / "adapter_config.json").exists():

