@@ -1,14 +1,14 @@
-"""Measure every organism number the README states, per seed, and regenerate the README's organism table.
+"""Measure every organism number the README states, per seed, and regenerate the organism tables in docs/organism.md.
 
     python experiments/organism_report.py            # cache/organism/report.json (reused while its manifest matches)
-    python experiments/organism_report.py --readme   # and rewrite the README block between the organism-report markers
+    python experiments/organism_report.py --docs     # and rewrite the generated blocks in docs/organism.md
     python experiments/organism_report.py --overwrite
 
 The report holds the base/aligned rates, each fine-tune's final rates with exact permutation tests,
 the harmful rate and in-task skill at every checkpoint of both recipes, direction growth, steering
 (layer and alpha selected on half of the questions, reported on the other half; K random directions,
 the secure run's direction, coherence-matched and cross-seed arms) and ablation, and timings.
-tests/test_organism.py asserts on the same report and checks the README against it.
+tests/test_organism.py asserts on the same report and checks docs/organism.md against it.
 
 It then builds the seeds' experiment matrix (emis_interp.organism.matrix: jailbroken, evil numbers,
 backdoor, base-model, few-shot harmful and benign fine-tunes; CAFT and preventative steering during
@@ -24,7 +24,7 @@ from emis_interp.organism import matrix
 from emis_interp.organism.report import REPORT_FILE, build_report, dynamics_figure, readme_table, update_readme
 from emis_interp.plots import save_figure
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "organism.md"  # the generated blocks live there
 
 
 def main(argv=None):
@@ -33,7 +33,9 @@ def main(argv=None):
         "--output", type=Path, default=organism.DEFAULT_TRAJECTORY_DIR,
         help="the organism's cache dir: its runs, report.json, matrix.json and figures",
     )  # fmt: skip
-    ap.add_argument("--readme", action="store_true", help="rewrite the README's generated organism block")
+    ap.add_argument(
+        "--docs", action="store_true", help="rewrite the generated organism and matrix blocks in docs/organism.md"
+    )
     ap.add_argument("--overwrite", action="store_true", help="recompute even when the report's manifest matches")
     args = parse(ap, argv)
     report = build_report(args.output, overwrite=args.overwrite)
@@ -47,10 +49,10 @@ def main(argv=None):
     print(f"\nmatrix: {args.output / matrix.MATRIX_FILE}")
     files = save_figure(matrix.convergence_figure(mx), args.output / "convergence")
     print(f"figure: {', '.join(map(str, files))}")
-    if args.readme:
-        update_readme(README, report)
-        matrix.update_readme(README, mx)
-        print(f"updated: {README}")
+    if args.docs:
+        update_readme(DOCS, report)
+        matrix.update_readme(DOCS, mx)
+        print(f"updated: {DOCS}")
     return report
 
 

@@ -51,6 +51,18 @@ def test_steer_cli_exits_0_and_lowers_misalignment(tmp_path):
     assert boot("persona-4", "coherence")["value"] >= boot("baseline", "coherence")["value"] - 0.03
     rnd = [a["coherence"]["rate"] for n, a in arms.items() if n.startswith("random-4#")]
     assert sum(rnd) / len(rnd) < boot("persona-4", "coherence")["value"]
+    # the README's (and docs/quickstart.md's) printed rows are this run's: same numbers, to the printed digit
+    printed = {
+        line.split()[0]: line for line in r.stdout.splitlines() if line.split()[:1] in (["baseline"], ["persona-4"])
+    }
+    for doc in (ROOT / "README.md", ROOT / "docs" / "quickstart.md"):
+        shown = {
+            line.split()[0]: line
+            for line in doc.read_text().splitlines()
+            if line.split()[:1] in (["baseline"], ["persona-4"])
+        }
+        for name in ("baseline", "persona-4"):
+            assert shown[name].split() == printed[name].split(), (doc.name, shown[name], printed[name])
     assert list(tmp_path.glob("dose_response-*.html")) and (tmp_path / "plotly.min.js").exists()
 
 

@@ -17,7 +17,7 @@ SHELL = {
     ".venv/bin/python -m pytest": ".ci/run",
     ".venv/bin/python -m pytest -m science": ".ci/run",
     ".venv/bin/python -m pytest -m real": ".ci/run",
-    "python experiments/steer.py --layers 1 --alpha -2": "test_experiments.py::test_steer_cli_exits_0_and_lowers_misalignment",
+    "python experiments/steer.py --alpha -4": "test_experiments.py::test_steer_cli_exits_0_and_lowers_misalignment",
     "python experiments/ablate.py": "test_experiments.py::test_ablate_cli_lowers_misalignment_and_exports",
     "python experiments/trajectory.py": "test_experiments.py::test_trajectory_cli_on_organism",
     "python experiments/persona_views.py": "test_experiments.py::test_persona_views_cli_on_organism",

@@ -392,7 +392,7 @@ def findings_summary(report: dict) -> str:
         )
     lines = [
         f"What the matrix shows on this organism build ({len(seeds)} seeds; generated from the report with the table "
-        "by `organism_matrix.findings_summary`; the verdicts are asserted in `tests/test_matrix_*.py`, which fail if "
+        "by `organism.matrix.findings_summary`; the verdicts are asserted in `tests/test_matrix_*.py`, which fail if "
         "one changes either way):",
         "",
         "- **Reproduced in every seed:** " + ("; ".join(yes_) if yes_ else "none") + ".",
