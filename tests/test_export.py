@@ -139,7 +139,7 @@ def test_ablate_cli_evaluates_what_it_exports(tiny, tmp_path, monkeypatch):
     with rowwise(model, [seen["arms"][1]] * b.input_ids.shape[0]):
         evaluated = _logits(model, b)
     torch.testing.assert_close(_logits(exported, b), evaluated, atol=1e-5, rtol=1e-5)
-    with pytest.raises(SystemExit, match="source-layer"):
+    with pytest.raises(SystemExit, match=r"--layers L \(one layer\)"):
         ablate.main(["--output", str(tmp_path), "--layers", "0", "1"])
 
 
