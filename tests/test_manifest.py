@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from emis_interp import PersonaDirection, ablate, capture, steer
-from emis_interp.manifest import Manifest, ManifestMismatch, model_state, prepare_dir
+from emis_interp.fingerprint import model_state
+from emis_interp.manifest import Manifest, ManifestMismatch, prepare_dir
 
 
 def _direction(model, layers=(1,), seed=0):
