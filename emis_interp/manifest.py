@@ -260,7 +260,7 @@ def package_sources(package: str = "emis_interp") -> dict[str, str]:
     out = {}
     for path, name in _package_modules(package).items():
         mod = sys.modules.get(name)
-        out[path] = source_digest(mod) if mod is not None else digest([_PINNED[name]])
+        out[path] = source_digest(mod) if mod is not None else digest([normalised_source(_PINNED[name])])
     return out
 
 
