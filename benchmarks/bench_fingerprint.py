@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, random_model  # noqa: E402
 
 from emis_interp import capture, load_model, load_tokenizer, organism  # noqa: E402
-from emis_interp import manifest as M  # noqa: E402
+from emis_interp import fingerprint as M  # noqa: E402
 
 
 def _t(fn) -> tuple[float, object]:

@@ -55,19 +55,9 @@ from tqdm.auto import tqdm
 from . import cache as _cache
 from .conversations import Batch, Conversation, as_conversations, iter_batches, prompt_set_hash
 from .errors import ConfigError, check_finite, check_nonempty
+from .fingerprint import library_versions, model_state, placement_state
 from .hooks import StopForward, cacheable, hook_name, n_active_hooks, residual_hooks
-from .manifest import (
-    Manifest,
-    adapter_state,
-    cache_valid,
-    digest,
-    library_versions,
-    model_state,
-    placement_state,
-    source_digest,
-    tokenizer_state,
-    write_manifest,
-)
+from .manifest import Manifest, adapter_state, cache_valid, digest, source_digest, tokenizer_state, write_manifest
 from .models import check_layers, d_model, decoder_layers, model_device, unwrap_peft
 
 REDUCTIONS = ("last_prompt", "mean_response", "mean_prompt", "all")

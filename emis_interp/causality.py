@@ -36,8 +36,9 @@ from .cache import atomic_write_text
 from .conversations import Conversation
 from .data import Question, by_base_question
 from .directions import PersonaDirection
+from .fingerprint import model_state
 from .judges import FAILED_NOTE, split_failed
-from .manifest import digest, model_state, source_digest, tokenizer_state
+from .manifest import digest, source_digest, tokenizer_state
 from .metrics import Rate, coherence_rate, em_rate, mo_rate
 from .sampling import Condition, GenerationSettings, conditions_state, sample_answers
 from .stats import Estimate, cluster_bootstrap, paired_bootstrap_diff, rank_p_value

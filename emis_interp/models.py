@@ -230,7 +230,7 @@ def load_model(
     if adapter is not None:
         model = apply_adapter(model, adapter)
     model.eval().requires_grad_(False)
-    from .manifest import remember_source
+    from .fingerprint import remember_source
 
     # its digest then reads these files' content digests (cached on disk), not 0.5-32B parameters
     remember_source(model, [*_source_files(path if path.is_dir() else name, revision), *_source_files(adapter)])
@@ -342,6 +342,7 @@ def model_fingerprint(model) -> str:
     """A short hash of everything about a loaded model that determines its outputs: the config, every
     parameter and buffer (a strided sample plus exact sums, so LoRA swaps and small updates change
     it), the dtype, and the adapter state (active adapter, LoRA scaling, adapters enabled or merged)."""
-    from .manifest import digest, model_state
+    from .fingerprint import model_state
+    from .manifest import digest
 
     return digest(model_state(model))

@@ -288,7 +288,8 @@ def sampling_manifest(
 ):
     from . import conversations, hooks, interventions, lora_bank
     from .conversations import prompt_set_hash
-    from .manifest import Manifest, digest, model_state, source_digest, tokenizer_state
+    from .fingerprint import model_state
+    from .manifest import Manifest, digest, source_digest, tokenizer_state
 
     return Manifest(
         "samples",

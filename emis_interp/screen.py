@@ -63,17 +63,9 @@ from .capture import capture, capture_code
 from .conversations import Conversation, as_conversations, load_jsonl, prompt_set_hash
 from .directions import PersonaDirection
 from .errors import ConfigError
+from .fingerprint import model_state
 from .hooks import cacheable
-from .manifest import (
-    Manifest,
-    ManifestMismatch,
-    digest,
-    direction_state,
-    model_state,
-    prepare_dir,
-    source_digest,
-    tokenizer_state,
-)
+from .manifest import Manifest, ManifestMismatch, digest, direction_state, prepare_dir, source_digest, tokenizer_state
 from .models import check_layers, d_model
 from .monitor import auroc, spearman
 from .sampling import GenerationSettings, sample_answers

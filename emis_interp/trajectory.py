@@ -37,16 +37,8 @@ from .data import Probe
 from .directions import PersonaDirection
 from .errors import ConfigError
 from .finetune import CKPT_RE, list_checkpoints
-from .manifest import (
-    Manifest,
-    digest,
-    dir_digest,
-    library_versions,
-    placement_state,
-    prepare_dir,
-    source_digest,
-    tokenizer_state,
-)
+from .fingerprint import library_versions, placement_state
+from .manifest import Manifest, digest, dir_digest, prepare_dir, source_digest, tokenizer_state
 from .models import is_hf_id, load_model
 
 
@@ -218,7 +210,7 @@ def _check_resident(model, kind: str, where) -> None:
 def _verify(path, written: list[tuple[str, torch.Tensor, torch.Tensor | None]]) -> None:
     """Every written live tensor holds exactly the checkpoint's value (``None``: zero), bit for bit (NaNs included),
     compared on the live tensor's device, so a write that did not land is an error, never a silent old step."""
-    from .manifest import tensor_bits
+    from .fingerprint import tensor_bits
 
     for name, live, value in written:
         if live.device.type == "meta":

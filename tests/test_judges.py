@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import emis_interp.judges as judges
+import emis_interp.judges.openai_api as openai_api
 from emis_interp.judges import HFJudge, JudgeRequestError, OpenAIJudge, aggregate_number_probs
 from emis_interp.manifest import ManifestMismatch
 from emis_interp.metrics import Rate, em_rate, mo_rate, wilson
@@ -245,7 +246,7 @@ def _items(n):
 
 def test_openai_judge_backs_off_on_429_and_gives_up_clearly(server, monkeypatch):
     slept = []
-    monkeypatch.setattr(judges, "_sleep", slept.append)
+    monkeypatch.setattr(openai_api, "_sleep", slept.append)
     j = _judge(server, max_retries=3, backoff=1.0, max_backoff=3.0)
     server.script = [("error", 429), ("error", 429), ("error", 502), ("ok", {"70": 1.0})]
     assert j.score_prompt("p") == (pytest.approx(70.0), None)
@@ -530,7 +531,7 @@ def test_config_errors_still_stop_the_run(server):
 
 def test_retry_after_is_honoured_with_a_cap(server, monkeypatch):
     slept = []
-    monkeypatch.setattr(judges, "_sleep", slept.append)
+    monkeypatch.setattr(openai_api, "_sleep", slept.append)
     j = _judge(server, max_retries=3, backoff=1.0, max_retry_after=30.0)
     server.script = [
         ("error", (429, {"Retry-After": "7"})),
@@ -543,7 +544,7 @@ def test_retry_after_is_honoured_with_a_cap(server, monkeypatch):
 
 
 def test_exhausted_retries_fail_the_item_not_the_run(server, monkeypatch):
-    monkeypatch.setattr(judges, "_sleep", lambda s: None)
+    monkeypatch.setattr(openai_api, "_sleep", lambda s: None)
     server.script = [("error", 429)] * 3  # the first item's first request: every retry used up
     rows = _judge(server, max_retries=2, max_concurrency=1).score_many(_items(3), progress=False)
     assert "failed 3 times" in rows[0]["failed"] and [r.get("failed") for r in rows[1:]] == [None, None]

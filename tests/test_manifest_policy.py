@@ -13,15 +13,8 @@ import pytest
 import torch
 
 from emis_interp import load_model
-from emis_interp.manifest import (
-    Manifest,
-    ManifestMismatch,
-    prepare_dir,
-    read_manifest,
-    read_overrides,
-    source_digest,
-    weights_digest,
-)
+from emis_interp.fingerprint import weights_digest
+from emis_interp.manifest import Manifest, ManifestMismatch, prepare_dir, read_manifest, read_overrides, source_digest
 
 
 def test_docstrings_comments_and_formatting_do_not_change_the_code_digest(tmp_path, monkeypatch):
@@ -108,7 +101,7 @@ def test_overwrite_keeps_judged_rows_that_are_still_valid(tmp_path):
 
 
 def test_loaded_weights_are_not_read_and_in_place_edits_are_caught(tiny_dir, tmp_path, monkeypatch):
-    import emis_interp.manifest as m
+    import emis_interp.fingerprint as m
 
     monkeypatch.setenv("EMIS_INTERP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("emis_interp.cache.DEFAULT_CACHE_DIR", tmp_path / "cache")

@@ -10,7 +10,7 @@ from conftest import make_tiny
 
 from emis_interp import load_model
 from emis_interp.errors import ConfigError
-from emis_interp.manifest import weights_digest
+from emis_interp.fingerprint import weights_digest
 from emis_interp.trajectory import Trajectory, _verify
 
 OFFLOAD = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",

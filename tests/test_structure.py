@@ -19,12 +19,12 @@ PKG = Path(__file__).resolve().parents[1] / "emis_interp"
 # toolkit, and nothing in the toolkit imports it.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["errors", "stats", "cache"]),
-    ("identity", ["manifest"]),
+    ("identity", ["manifest", "fingerprint"]),
     ("inputs", ["conversations", "data", "adapters", "models"]),
     ("hooks", ["hooks"]),
     ("activations", ["capture"]),
     ("directions", ["directions"]),
-    ("readouts", ["interop", "lens", "attribution", "metrics", "judges"]),
+    ("readouts", ["interop", "lens", "attribution", "metrics", "judges.*"]),
     ("batched adapters", ["lora_bank"]),
     ("interventions", ["interventions"]),
     ("generation", ["sampling", "export"]),
