@@ -10,12 +10,13 @@ exact judge.
 import pytest
 import torch
 
-from emis_interp import load_model, make_batch, organism, world
+from emis_interp import load_model, make_batch, organism
 from emis_interp.behaviour import BehaviourConfig, BehaviourResult, Job, judge_trajectories, make_jobs
 from emis_interp.behaviour import sample_trajectories as sample
 from emis_interp.finetune import list_checkpoints
 from emis_interp.lora_bank import BASE, LoraBank
 from emis_interp.manifest import ManifestMismatch
+from emis_interp.organism import world
 from emis_interp.sampling import Condition, rowwise
 from emis_interp.trajectory import Trajectory
 
