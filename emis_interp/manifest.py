@@ -468,13 +468,27 @@ def check_resumable(
     if all(f in CODE_FIELDS for f in existing.diff(manifest)):
         hint = (
             " Only the code or library versions differ: if you know the change leaves the numbers unchanged, pass "
-            "--allow-code-change (allow_code_change=True) to resume; the override is recorded in the manifest."
+            "--allow-code-change (allow_code_change=True) to resume where the entry point offers it (track, "
+            "experiments/trajectory.py, experiments/finetune.py); the override is recorded in the manifest."
         )
     raise ManifestMismatch(
         f"{where} holds results made under other settings ({manifest.kind}); fields that differ: "
         f"{existing.diff(manifest) and manifest.explain(existing)}. Resuming would mix them. Pass {flag} "
         f"(overwrite=True) to discard the old results, or choose another output directory.{hint}"
     )
+
+
+def accept_code_change(out_dir: str | Path, manifest: Manifest) -> bool:
+    """``--allow-code-change`` for an output directory: if its ``manifest.json`` differs from ``manifest`` only in
+    :data:`CODE_FIELDS`, make ``manifest`` its manifest, append the override to its ``overrides`` and return True
+    (a resume then proceeds as for a matching manifest); else change nothing and return False (a settings change,
+    or no manifest, is never waved through). :func:`prepare_dir` uses it; so does ``experiments/finetune.py``
+    before :func:`emis_interp.finetune.finetune`."""
+    existing = read_manifest(out_dir)
+    if existing is None or existing.key == manifest.key or not code_only_change(existing, manifest):
+        return False
+    write_manifest(out_dir, manifest, overrides=[*read_overrides(out_dir), override_record(existing, manifest)])
+    return True
 
 
 def prepare_dir(
@@ -501,8 +515,7 @@ def prepare_dir(
     contents = [p for p in out.iterdir() if p.name != MANIFEST_FILE and p.name not in keep]
     if existing is not None and existing.key == manifest.key and not overwrite:
         return out
-    if existing is not None and allow_code_change and not overwrite and code_only_change(existing, manifest):
-        write_manifest(out, manifest, overrides=[*read_overrides(out), override_record(existing, manifest)])
+    if allow_code_change and not overwrite and accept_code_change(out, manifest):
         return out
     if contents or existing is not None:
         if not overwrite:

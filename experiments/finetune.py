@@ -57,7 +57,10 @@ from emis_interp.finetune import (
     TrainIntervention,
     finetune,
     read_intervention,
+    run_manifest,
 )
+from emis_interp.manifest import accept_code_change
+from emis_interp.models import load_tokenizer
 
 
 def add_intervention_args(ap: argparse.ArgumentParser) -> None:
@@ -156,6 +159,14 @@ def resolve_defaults(ap: argparse.ArgumentParser, a) -> str:
     return which
 
 
+def allow_code_change(cfg: FinetuneConfig, intervention) -> None:
+    """--allow-code-change: a run in cfg.output_dir whose manifest differs only in code / library versions takes
+    this run's manifest (the override recorded in its manifest.json), so finetune() resumes it."""
+    tok = load_tokenizer(cfg.tokenizer or cfg.model, revision=None if cfg.tokenizer else cfg.revision)
+    if accept_code_change(cfg.output_dir, run_manifest(cfg, tok, intervention)):
+        print(f"--allow-code-change: resuming {cfg.output_dir} across a code / library change (recorded)")
+
+
 def main(argv=None) -> None:
     ap = parser(__doc__)
     m = ap.add_argument_group("model, data and output")
@@ -170,6 +181,12 @@ def main(argv=None) -> None:
     m.add_argument("--device-map", default=None, help="e.g. 'auto': shard the model over the visible GPUs")
     m.add_argument(
         "--overwrite", action="store_true", help="discard an existing run in --output made under other settings"
+    )
+    m.add_argument(
+        "--allow-code-change",
+        action="store_true",
+        help="resume a run in --output made by other code or library versions (you vouch the change leaves the "
+        "numbers unchanged); recorded in its manifest.json",
     )
     h = ap.add_argument_group(
         "hyperparameters (unset: the organism's on the organism; the EM paper's on any other --model: "
@@ -241,6 +258,8 @@ def main(argv=None) -> None:
         device_map=a.device_map,
         overwrite=a.overwrite,
     )
+    if a.allow_code_change and not a.overwrite:
+        allow_code_change(cfg, intervention)
     for step, path in finetune(cfg, intervention=intervention):
         print(f"step {step:5d}  {path}")
     report = read_intervention(a.output) if intervention is not None else None
