@@ -79,7 +79,8 @@ def offloaded_value(model, name: str) -> torch.Tensor:
 
 
 def _tensor_key(t: torch.Tensor) -> tuple | None:
-    # ``_version`` counts in-place writes (copy_, mul_, Trajectory.goto's swaps, optimizer steps)
+    # ``_version`` counts in-place writes (copy_, mul_, Trajectory.goto's swaps, foreach/for-loop optimizer steps), not
+    # writes through ``.data`` nor fused optimizer steps (weights_digest's samples are their backstop)
     try:
         return (t.data_ptr(), t._version, str(t.dtype), tuple(t.shape), str(t.device))
     except RuntimeError:  # an inference-mode tensor has no version counter: never trust a cached checksum
@@ -147,6 +148,15 @@ def _fast_checksum(t: torch.Tensor):
     return hashlib.sha256((flat.view(torch.uint8) if flat.dtype != torch.bool else flat).numpy()).hexdigest()
 
 
+def _row_sample(p: torch.Tensor) -> torch.Tensor:
+    """One value of every row of ``p`` (first dim), the column varying with the row. A write that bypasses the
+    version counter (through ``.data``, or a fused optimizer step such as the HF Trainer's default
+    ``adamw_torch_fused``) to whole rows, e.g. the embedding rows of the tokens a batch touched, changes it."""
+    rows = p.detach().reshape(p.shape[0], -1)
+    cols = torch.arange(rows.shape[0], device=p.device, dtype=torch.int64) * 7919 % rows.shape[1]
+    return rows.gather(1, cols[:, None]).reshape(-1)
+
+
 @torch.no_grad()
 def weights_digest(model, sample: int = 4096) -> str:
     """Digest of the config and every parameter and buffer.
@@ -155,8 +165,11 @@ def weights_digest(model, sample: int = 4096) -> str:
     (same storage, version counter, dtype, device), the files' content digest stands for it (read once per file
     and remembered on disk); otherwise an exact digest of its bits (:func:`_fast_checksum`, cached on the model
     and recomputed only when the tensor's storage, version counter, dtype or device changes). Plus, on every
-    call, a strided sample of every tensor's values (a backstop for writes through ``.data``, which bypass the
-    version counter). The sample is gathered on the device and copied to the host once.
+    call, a strided sample of every tensor's values and one value of every row (:func:`_row_sample`): the backstop
+    for writes that bypass the version counter (through ``.data``; fused optimizer steps, the HF Trainer's default).
+    Such a write is seen if it changes a sampled value: a write to whole rows always is, a write to a few single
+    values may not be (write weights in place on the parameter, under ``torch.no_grad()``, or reload the model).
+    The samples are gathered on the device and copied to the host once.
     """
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     stamp, loaded = model.__dict__.get("_emis_source", (None, {}))
@@ -181,7 +194,10 @@ def weights_digest(model, sample: int = 4096) -> str:
                 hit = cache[name] = (key, _fast_checksum(p))
             h.update(repr(hit[1]).encode())
         words = _bits(p)
-        samples.setdefault(p.device, []).append(words[:: max(1, words.numel() // sample)][:sample].to(torch.int32))
+        got = samples.setdefault(p.device, [])
+        got.append(words[:: max(1, words.numel() // sample)][:sample].to(torch.int32))
+        if p.dim() >= 2:  # one value of every row (which one varies with the row): sees writes to whole rows
+            got.append(_bits(_row_sample(p)).to(torch.int32))
     for dev in sorted(samples, key=str):
         h.update(torch.cat(samples[dev]).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
