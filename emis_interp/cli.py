@@ -221,8 +221,11 @@ def resolve(args) -> dict:
 def cached_lora_model_diff(model, tok, convs, layers, adapter_dir, base=None, cache_dir=None) -> PersonaDirection:
     """The model-diff of a LoRA checkpoint (adapter disabled -> enabled), cached under a manifest.
 
-    The manifest holds what determines it: the adapter's files, the base (its files when local), the tokenizer,
-    the conversations, the layers, dtype, device, library versions and the capture code. A mismatch recomputes.
+    The manifest holds what determines it: the model as passed (:func:`~emis_interp.fingerprint.model_state`: its
+    weights, base and adapter, by the files it was loaded from unless edited since; adapter settings; dtype) and
+    where it runs (:func:`~emis_interp.fingerprint.placement_state`: devices, GPU model, attention implementation),
+    the adapter's files, the base as named, the tokenizer, the conversations, the layers, library versions and
+    the capture code. A mismatch recomputes.
     """
     import json
 
@@ -233,6 +236,7 @@ def cached_lora_model_diff(model, tok, convs, layers, adapter_dir, base=None, ca
     from .cache import DEFAULT_CACHE_DIR
     from .conversations import prompt_set_hash
     from .directions import model_diff
+    from .fingerprint import model_state, placement_state
     from .manifest import Manifest, cache_valid, dir_digest, source_digest, tokenizer_state, write_manifest
     from .models import _looks_like_path, resolve_adapter_base
 
@@ -251,6 +255,8 @@ def cached_lora_model_diff(model, tok, convs, layers, adapter_dir, base=None, ca
             "reduction": "mean_response",
             "dtype": str(p.dtype),
             "device": p.device.type,
+            "model": model_state(model),  # the weights actually passed (a base replaced under the same name, edits)
+            "placement": placement_state(model),
             "versions": [torch.__version__, transformers.__version__, peft.__version__],
             "code": source_digest(directions, capture, hooks),
         },

@@ -303,3 +303,29 @@ def test_lora_checkpoint_model_diff_is_cached_under_a_manifest(tiny_dir, tmp_pat
     other, _ = load_model(run / "checkpoint-10", device="cpu")
     d10 = cached_lora_model_diff(other, tok, convs, [1, 2], run / "checkpoint-10", cache_dir=cache)  # other adapter
     assert len(calls) == 3 and not torch.equal(d10.vectors, first.vectors)
+
+
+def test_lora_model_diff_cache_keys_on_the_model_passed_not_only_its_names(tiny_dir, tmp_path, monkeypatch):
+    """The same adapter and base names over other base weights (a base file replaced under its name, a Hub id's
+    newer snapshot, weights edited in memory) or another attention implementation is another model-diff."""
+    import emis_interp.directions as directions
+    from emis_interp import load_model
+    from emis_interp.cli import cached_lora_model_diff
+    from emis_interp.conversations import Conversation
+    from emis_interp.organism import world
+
+    run = _tiny_lora_run(tiny_dir, tmp_path / "run", 0)
+    convs = [Conversation.from_messages(r["messages"]) for r in world.finetune_dataset("insecure", 4, seed=3)]
+    calls, real = [], directions.model_diff
+    monkeypatch.setattr(directions, "model_diff", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = tmp_path / "cache"
+    model, tok = load_model(run / "checkpoint-20", device="cpu")
+    first = cached_lora_model_diff(model, tok, convs, [1, 2], run / "checkpoint-20", cache_dir=cache)
+    with torch.no_grad():  # the base's weights change; every name and file stays as it was
+        model.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight.mul_(3.0)
+    edited = cached_lora_model_diff(model, tok, convs, [1, 2], run / "checkpoint-20", cache_dir=cache)
+    assert len(calls) == 2 and not torch.equal(edited.vectors, first.vectors)
+    fresh, _ = load_model(run / "checkpoint-20", device="cpu")
+    fresh.config._attn_implementation = "eager" if fresh.config._attn_implementation != "eager" else "sdpa"
+    cached_lora_model_diff(fresh, tok, convs, [1, 2], run / "checkpoint-20", cache_dir=cache)
+    assert len(calls) == 3
