@@ -333,6 +333,13 @@ def _copy_lora(model, path: Path) -> None:
         written.append((live, p, value))
     if not written:
         raise ConfigError(f"{path}: adapter file holds no LoRA tensors")
+    done = {n for n, _, _ in written}
+    stale = [n for n, _ in _swapped(model, "lora") if ".default." in n and n not in done]
+    if stale:  # a live adapter tensor this checkpoint does not hold would keep the previous step's values
+        raise ConfigError(
+            f"{path}: the checkpoint holds no value for {len(stale)} live adapter tensor(s) (e.g. {stale[0]}): its "
+            "adapter adapts other modules than the loaded one. One trajectory, one adapter layout."
+        )
     _verify(path, written)
 
 

@@ -93,3 +93,23 @@ def test_digest_sees_offloaded_weights(tiny_dir, tokenizer_dir, tmp_path):
     b.config._name_or_path = a.config._name_or_path  # the same config: only the offloaded weights differ
     assert weights_digest(a) != weights_digest(b)
     assert weights_digest(a) == weights_digest(_offloaded(tiny_dir, tmp_path / "c"))
+
+
+def test_lora_swap_refuses_a_checkpoint_that_leaves_live_adapter_tensors_unwritten(tiny_dir, tmp_path):
+    """Every live adapter tensor is written by a swap: one the checkpoint lacks would keep the last step's values."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    for step, targets in ((10, ["q_proj", "v_proj"]), (20, ["q_proj"])):
+        torch.manual_seed(step)
+        m = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2, target_modules=targets))
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_()
+        m.save_pretrained(out / f"checkpoint-{step}")
+    traj = Trajectory.from_dir(out, base=str(tiny_dir))
+    model, _ = traj.load()  # adapts q_proj and v_proj, as checkpoint-10
+    traj.goto(model, traj.steps.index(10))
+    with pytest.raises(ConfigError, match="no value for .*v_proj"):
+        traj.goto(model, traj.steps.index(20))
