@@ -221,7 +221,8 @@ def resolve(args) -> dict:
 def cached_lora_model_diff(model, tok, convs, layers, adapter_dir, base=None, cache_dir=None) -> PersonaDirection:
     """The model-diff of a LoRA checkpoint (adapter disabled -> enabled), cached under a manifest.
 
-    The manifest holds what determines it: the adapter's files, the base (its files when local), the tokenizer,
+    The manifest holds what determines it: the adapter's files, the base (its files when local), the loaded
+    weights' digest (base and adapter, whatever names the base), the tokenizer,
     the conversations, the layers, dtype, device, library versions and the capture code. A mismatch recomputes.
     """
     import json
@@ -233,6 +234,7 @@ def cached_lora_model_diff(model, tok, convs, layers, adapter_dir, base=None, ca
     from .cache import DEFAULT_CACHE_DIR
     from .conversations import prompt_set_hash
     from .directions import model_diff
+    from .fingerprint import weights_digest
     from .manifest import Manifest, cache_valid, dir_digest, source_digest, tokenizer_state, write_manifest
     from .models import _looks_like_path, resolve_adapter_base
 
@@ -244,6 +246,8 @@ def cached_lora_model_diff(model, tok, convs, layers, adapter_dir, base=None, ca
         {
             "adapter": dir_digest(adapter_dir),
             "base": dir_digest(base_id) if _looks_like_path(base_id) and Path(base_id).is_dir() else base_id,
+            # the weights in memory (base and adapter): a base named by a Hub id or a .gguf file keys on its content
+            "weights": weights_digest(model),
             **tokenizer_state(tok),
             "conversations": prompt_set_hash(convs),
             "responses": [c.response for c in convs],
