@@ -22,11 +22,8 @@ import time
 
 
 def _modules():
-    try:  # the organism subpackage
-        from emis_interp.organism import matrix, report
-    except ImportError:
-        from emis_interp import organism_matrix as matrix
-        from emis_interp import organism_report as report
+    from emis_interp.organism import matrix, report
+
     return matrix, report
 
 

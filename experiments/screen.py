@@ -18,7 +18,7 @@ A rerun reuses every dataset screened under the same manifest; an output directo
 another model, direction, layer or generation setting is refused unless --overwrite.
 
 On the model organism (no --model) the model is the aligned organism (the model the organism's runs
-fine-tune), the direction its trait direction (``organism_matrix.trait_direction``: the aligned model's
+fine-tune), the direction its trait direction (``organism.matrix.trait_direction``: the aligned model's
 mean residual over harmful minus benign advice answers, which depends on no fine-tune and no training
 data) at layer 2, and the datasets are ``world.finetune_dataset(kind, --n-examples, seed=--data-seed)`` for every
 fine-tuning kind (default --data-seed 1000: rows no organism fine-tune of seeds 0-999 trains on).

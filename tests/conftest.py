@@ -14,6 +14,8 @@ SHARED = Path(os.environ.get("EMIS_INTERP_SHARED") or Path(__file__).resolve().p
 def shared_path(*parts: str) -> Path:
     p = SHARED.joinpath(*parts)
     if not p.exists():
+        if os.environ.get("CI") == "true":  # CI has ../shared beside the clone: a missing file is a failure there
+            pytest.fail(f"CI=true but {p} is missing (../shared beside the clone, or EMIS_INTERP_SHARED)")
         pytest.skip(f"../shared not present ({p})")
     return p
 

@@ -85,6 +85,23 @@ def test_a_retired_flag_names_its_replacement(capsys):
     assert "--out is now --output" in capsys.readouterr().err
 
 
+def test_docs_use_no_retired_flag():
+    """The README, docs/*.md, benchmarks and the notebook spell the commands with today's flags (docs/cli.md's table
+    of retired names aside): a retired flag in a documented command fails when a reader pastes it."""
+    import re
+
+    retired = re.compile(r"(?<![\w-])(" + "|".join(re.escape(f) for f in RENAMED) + r")(?![\w-])")
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "benchmarks").glob("*.md"))]
+    files += sorted((ROOT / "notebooks").glob("*.ipynb"))
+    stale = []
+    for f in files:
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if f.name == "cli.md" and (line.startswith("| `--") or "is now" in line):
+                continue  # the retired-names table and its example message
+            stale += [f"{f.relative_to(ROOT)}:{i}: {m.group(1)}" for m in retired.finditer(line)]
+    assert not stale, f"retired flags in the docs (see emis_interp.cliargs.RENAMED): {stale}"
+
+
 def test_build_organism_never_writes_the_shipped_weights_unless_asked(monkeypatch, tmp_path, capsys):
     import build_organism
 
@@ -210,3 +227,35 @@ def test_steer_on_a_real_model_states_its_cost_before_generating(tiny_dir, tmp_p
     assert ran == []
     with pytest.raises(RuntimeError, match="ran"):
         steer.main([*argv, "--yes"])
+
+
+def test_lora_model_diff_cache_keys_on_the_base_weights_not_its_name(tiny_dir, convs, tmp_path):
+    """A base named by a Hub id (or a .gguf file) is no directory to digest: the cached model-diff must still
+    recompute when the base's weights differ under the same name (an updated Hub revision, a replaced file)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from emis_interp import load_model
+    from emis_interp.cli import AdapterDisabled, cached_lora_model_diff
+    from emis_interp.directions import model_diff
+
+    torch.manual_seed(0)
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_dir),
+        LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False),
+    )
+    pm.peft_config["default"].base_model_name_or_path = str(tiny_dir)
+    ad = tmp_path / "adapter"
+    pm.save_pretrained(ad)
+    model, tok = load_model(ad, device="cpu")
+    kw = {"base": "someone/tiny-base", "cache_dir": tmp_path / "md"}  # a Hub id: nothing on disk to digest
+    first = cached_lora_model_diff(model, tok, convs, [1], ad, **kw)
+    again = cached_lora_model_diff(model, tok, convs, [1], ad, **kw)
+    assert torch.equal(first.vectors, again.vectors)  # reused
+    with torch.no_grad():  # the same name, other base weights
+        next(p for n, p in model.named_parameters() if "layers.0.mlp.up_proj" in n).mul_(3.0)
+    changed = cached_lora_model_diff(model, tok, convs, [1], ad, **kw)
+    assert not torch.equal(changed.vectors, first.vectors)
+    want = model_diff(AdapterDisabled(model), model, tok, convs, [1], "mean_response", cache_dir=None)
+    torch.testing.assert_close(changed.vectors, want.vectors)

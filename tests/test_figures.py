@@ -1,5 +1,6 @@
 """Figures everyone can see: offline HTML (local plotly.js), drawn in headless Chromium; an honest dose-response."""
 
+import os
 import shutil
 import subprocess
 import warnings
@@ -71,10 +72,16 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(
-    _chromium() is None, reason="no Chromium to render in (Debian: apt-get install chromium; CI has it)"
+# CI (.ci/run, CI=true) installs Chromium: there a missing browser fails these tests instead of skipping them
+needs_chromium = pytest.mark.skipif(
+    _chromium() is None and os.environ.get("CI") != "true",
+    reason="no Chromium to render in (Debian: apt-get install chromium; CI has it)",
 )
+
+
+@needs_chromium
 def test_html_figure_is_drawn_in_headless_chromium(tmp_path):
+    assert _chromium() is not None, "CI=true but no Chromium: .ci/run installs Debian's chromium"
     from emis_interp import plots
 
     (html,) = plots.save_figure(plots.dose_response(_sweep()), tmp_path / "fig", png=False)
@@ -85,3 +92,20 @@ def test_html_figure_is_drawn_in_headless_chromium(tmp_path):
     assert "main-svg" in dom, dom[-2000:]
     assert dom.count('class="point"') >= 2 * (6 + 2 + 1)
     assert "coherent answers" in dom
+
+
+@needs_chromium
+def test_png_is_written_with_chromium(tmp_path):
+    """With Chromium (CI), save_figure writes the PNG too (the README's images), and it is a drawn figure."""
+    from emis_interp import plots
+
+    assert _chromium() is not None, "CI=true but no Chromium: .ci/run installs Debian's chromium"
+    if "BROWSER_PATH" not in os.environ and not os.path.exists("/usr/bin/chromium"):
+        os.environ["BROWSER_PATH"] = _chromium()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skipped PNG warns: fail on it here
+        written = plots.save_figure(plots.dose_response(_sweep()), tmp_path / "fig")
+    assert written == [tmp_path / "fig.html", tmp_path / "fig.png"]
+    png = (tmp_path / "fig.png").read_bytes()
+    # an empty 900x520 figure is ~15 kB; this one ~65 kB
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 40_000, len(png)

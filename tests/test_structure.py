@@ -20,7 +20,7 @@ PKG = Path(__file__).resolve().parents[1] / "emis_interp"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["errors", "stats", "cache"]),
     ("identity", ["manifest", "fingerprint"]),
-    ("inputs", ["conversations", "data", "adapters", "models"]),
+    ("inputs", ["conversations", "data", "adapters", "gguf", "models", "fetch"]),
     ("hooks", ["hooks"]),
     ("activations", ["capture"]),
     ("directions", ["directions"]),
@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("trajectories", ["trajectory", "weights"]),
     ("analyses", ["screen", "behaviour"]),
     ("figures", ["plots"]),
-    ("command line", ["cli"]),
+    ("command line", ["cliargs", "cli"]),
     ("package", [""]),
     ("organism world", ["organism.world"]),
     ("organism model", ["organism.model", "organism.prompts"]),

@@ -38,3 +38,20 @@ def test_fast_tier_test_cannot_fine_tune_into_the_organism_cache(tiny_dir):
         data.unlink(missing_ok=True)
         if made:
             out.parent.rmdir()
+
+
+def test_missing_shared_data_skips_locally_but_fails_in_ci(tmp_path, monkeypatch):
+    """../shared absent: a local run skips the tests that read it; CI (CI=true, ../shared beside the clone) fails."""
+    import conftest
+
+    monkeypatch.setattr(conftest, "SHARED", tmp_path / "no-shared")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        conftest.shared_path("data", "em", "first_plot_questions.yaml")
+    monkeypatch.setenv("CI", "true")
+    try:  # caught by hand: a skip here must fail this test, not skip it
+        conftest.shared_path("data", "em", "first_plot_questions.yaml")
+        outcome = None
+    except BaseException as e:  # noqa: BLE001 (pytest's outcomes are BaseExceptions)
+        outcome = e
+    assert isinstance(outcome, pytest.fail.Exception) and "CI=true" in str(outcome), repr(outcome)
