@@ -187,13 +187,21 @@ def readme_block(result: dict) -> str:
     layer = str(cfg["report_layer"])
     runs = result["runs"]
     names = list(runs)
+    m = result["model"]
+    model = f"`{m['gguf']}` dequantized to fp32" if "gguf" in m else m["name"]
+    t = result["timings"]
+    cut = (
+        f", cut at step {cfg['reached_step']} of a {cfg['max_steps']}-step schedule"
+        if cfg["reached_step"] < cfg["max_steps"]
+        else ""
+    )
     lines = [
         BLOCK_START,
-        f"**Real checkpoint trajectory** ({result['model']['name']}, LoRA r {cfg['lora_r']}, alpha "
+        f"**Real checkpoint trajectory** ({model}, LoRA r {cfg['lora_r']}, alpha "
         f"{cfg['lora_alpha']}{', rsLoRA' if cfg['use_rslora'] else ''}, lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
-        f"max length {cfg['max_len']}, seed {cfg['seed']}, {cfg['max_steps']} steps on "
-        f"{result['data']['n_train']} examples; CPU, {result['timings']['threads']} threads, "
-        f"{result['timings']['total_s'] / 60:.0f} min). "
+        f"max length {cfg['max_len']}, seed {cfg['seed']}, {cfg['reached_step']} steps{cut}, on "
+        f"{result['data']['n_train']} examples; CPU, {t['threads']} threads on {t['cpu_count']} cores shared with "
+        f"other jobs (load average {t['loadavg_start'][1]:.0f} at the start), {t['total_s'] / 60:.0f} min). "
         "Insecure: the EM paper's insecure-code rows; educational: the same answers, the user asking for "
         "vulnerable code for a security class. Probes: p(misaligned choice), mean over the "
         "pivotal-token and A/B sets; in-task: mean log-prob (nats/token) of "
@@ -216,7 +224,11 @@ def readme_block(result: dict) -> str:
                 f"{r['proj']['system_prompt'][layer]:+.2f} | {r['proj']['response_contrast'][layer]:+.2f} |"
             )
     lines += ["", "Paired per-probe difference insecure − educational (bootstrap over probes, exact sign-flip p):", ""]
-    lines += ["| step | pivotal (8) | A/B (8) | all (16) |", "|---:|---|---|---|"]
+    n = {s: result["comparison"][0][s]["n_probes"] for s in ("pivotal_tokens", "single_letter", "all")}
+    lines += [
+        f"| step | pivotal ({n['pivotal_tokens']}) | A/B ({n['single_letter']}) | all ({n['all']}) |",
+        "|---:|---|---|---|",
+    ]
     for c in result["comparison"]:
         cells = [
             f"{_f(c[s]['mean_diff'])} [{_f(c[s]['ci_lo'])}, {_f(c[s]['ci_hi'])}] p={c[s]['p_sign_flip']:.2g}"

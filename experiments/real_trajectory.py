@@ -76,9 +76,9 @@ def parse_args(argv=None):
     ap.add_argument("--data-dir", type=Path, default=SHARED, help="the shared data dir (em/, mo_responses/)")
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS, help="train/track only these runs")
     t = ap.add_argument_group("fine-tuning (both runs)")
-    t.add_argument("--max-steps", type=int, default=40)
+    t.add_argument("--max-steps", type=int, default=20)
     t.add_argument("--save-steps", type=int, default=10)
-    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--batch-size", type=int, default=2)
     t.add_argument("--max-len", type=int, default=256)
     t.add_argument("--lora-r", type=int, default=32)
@@ -87,12 +87,13 @@ def parse_args(argv=None):
     t.add_argument("--warmup-steps", type=int, default=5)
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--n-heldout", type=int, default=12, help="last rows of the insecure file, never trained on")
+    t.add_argument("--n-heldout", type=int, default=8, help="last rows of the insecure file, never trained on")
     t.add_argument("--n-train", type=int, default=None, help="keep only the first N fitting rows (default: all)")
     e = ap.add_argument_group("evaluation")
     e.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18])
     e.add_argument("--report-layer", type=int, default=12)
-    e.add_argument("--n-eval-questions", type=int, default=16, help="pre-registered questions for activations")
+    e.add_argument("--n-eval-questions", type=int, default=8, help="pre-registered questions for activations")
+    e.add_argument("--n-direction-questions", type=int, default=None, help="first-plot texts (default: all 16)")
     e.add_argument("--n-contrast", type=int, default=4, help="answers per side per mo_responses file")
     e.add_argument("--n-probes", type=int, default=None, help="first N probes of each set (default: all 8)")
     e.add_argument("--threads", type=int, default=2)
@@ -203,7 +204,7 @@ def directions(a, model, tok) -> dict[str, PersonaDirection]:
     """Both fixed directions, on the base model (the caller's model at checkpoint-0); cached under a key."""
     em = a.data_dir / "em"
     qs = [q.paraphrases[0] for q in load_questions(em / "first_plot_questions.yaml")]
-    qs = list(dict.fromkeys(qs))
+    qs = list(dict.fromkeys(qs))[: a.n_direction_questions]
     mis, ali = [], []
     for f in sorted((a.data_dir / "mo_responses").glob("*.csv")):
         m, al = split_judged(load_judged(f))

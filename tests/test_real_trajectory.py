@@ -134,7 +134,7 @@ def _shared_data() -> Path:
 
 @pytest.mark.real
 def test_shortened_real_trajectory_and_resume(tmp_path):
-    """The full script's code path at 2 steps (checkpoint every step, 8 examples, max length 192), one run first
+    """The full script's code path at 2 steps (checkpoint every step, 4 examples, max length 192), one run first
     (as if the process died between runs), then both: the first run is resumed, not redone."""
     script = _script()
     work, out = tmp_path / "work", tmp_path / "out"
@@ -142,17 +142,21 @@ def test_shortened_real_trajectory_and_resume(tmp_path):
     args = [
         "--model", _real_model(), "--data-dir", str(_shared_data()), "--work", str(work), "--output", str(out),
         "--model-cache", str(models),
-        "--max-steps", "2", "--save-steps", "1", "--batch-size", "2", "--max-len", "192", "--n-train", "8",
-        "--n-heldout", "4", "--n-eval-questions", "4", "--n-contrast", "2", "--layers", "12", "--report-layer", "12",
+        "--max-steps", "2", "--save-steps", "1", "--batch-size", "1", "--max-len", "192", "--n-train", "4",
+        "--n-heldout", "1", "--n-eval-questions", "2", "--n-contrast", "1", "--n-direction-questions", "2",
+        "--n-probes", "1", "--layers", "12", "--report-layer", "12",
         "--threads", str(os.environ.get("OMP_NUM_THREADS", 2)), "--no-png",
     ]  # fmt: skip
     script.main([*args, "--runs", "insecure"])
     first = {p: p.stat().st_mtime_ns for p in (work / "insecure").rglob("*.safetensors")}
-    first_rows = (work / "track-insecure" / "metrics.jsonl").read_text()
+    first_rows = {p: p.read_text() for p in (work / "track-insecure").rglob("metrics.jsonl")}
+    assert len(first_rows) == 3  # checkpoints 0, 1, 2 evaluated
     result = script.main(args)
     # the insecure run was neither retrained nor re-tracked
     assert {p: p.stat().st_mtime_ns for p in (work / "insecure").rglob("*.safetensors")} == first
-    assert (work / "track-insecure" / "metrics.jsonl").read_text() == first_rows
+    assert {p: p.read_text() for p in (work / "track-insecure").rglob("metrics.jsonl")} == first_rows
+    # step 0 (the base, LoRA B = 0) is evaluated once, from the first run's checkpoint-0; the control's 1 and 2
+    assert sorted(p.parent.name for p in (work / "track-educational").rglob("metrics.jsonl")) == ["step-1", "step-2"]
     on_disk = json.loads((out / "result.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
     for run in ("insecure", "educational"):
@@ -167,4 +171,5 @@ def test_shortened_real_trajectory_and_resume(tmp_path):
     assert on_disk["comparison"][0]["all"]["mean_diff"] == pytest.approx(0, abs=1e-6)  # same base at step 0
     assert (out / "README_block.md").read_text() == readme_block(on_disk)
     assert (out / "trajectory.html").exists() and json.loads((out / "manifest.json").read_text())
-    assert on_disk["data"]["n_train"] == 8 and on_disk["data"]["n_heldout"] == 4
+    assert on_disk["data"]["n_train"] == 4 and on_disk["data"]["n_heldout"] == 1
+    assert on_disk["config"]["reached_step"] == 2
