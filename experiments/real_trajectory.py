@@ -38,13 +38,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import transformers
 
+from emis_interp import directions as directions_module
 from emis_interp.cache import atomic_write_text, verified_load
+from emis_interp.capture import capture_code
 from emis_interp.conversations import Conversation, load_jsonl
 from emis_interp.data import load_judged, load_probes, load_questions, split_judged
 from emis_interp.directions import PersonaDirection, response_contrast, system_prompt_contrast
 from emis_interp.finetune import FinetuneConfig, finetune, model_identity
-from emis_interp.manifest import Manifest, digest, file_digest, package_sources
+from emis_interp.manifest import Manifest, digest, file_digest, package_sources, source_digest
 from emis_interp.metrics import probe_misalignment
 from emis_interp.models import load_tokenizer
 from emis_interp.real_trajectory import (
@@ -178,7 +181,7 @@ def build_data(a, tok) -> tuple[dict[str, Path], list[Conversation], dict]:
     n_fit = len(keep)
     if a.n_train is not None:
         keep = keep[: a.n_train]
-    if len(keep) < a.batch_size * min(a.max_steps, 1):
+    if len(keep) < a.batch_size:
         raise ValueError(f"only {len(keep)} rows fit --max-len {a.max_len}; raise it or lower --batch-size")
     paths = {"insecure": a.work / "data" / "insecure.jsonl", "educational": a.work / "data" / "educational.jsonl"}
     write_jsonl(paths["insecure"], [pool[i] for i in keep])
@@ -211,7 +214,8 @@ def directions(a, model, tok) -> dict[str, PersonaDirection]:
         mis += [r.conversation() for r in m[: a.n_contrast]]
         ali += [r.conversation() for r in al[: a.n_contrast]]
     key = digest({"model": a.model_ident, "qs": qs, "mis": [asdict(c) for c in mis], "ali": [asdict(c) for c in ali],
-                  "layers": a.layers})  # fmt: skip
+                  "layers": sorted(a.layers), "capture": capture_code(), "directions": source_digest(directions_module),
+                  "torch": torch.__version__, "transformers": transformers.__version__})  # fmt: skip
     out = {}
     for name, make in (
         ("system_prompt", lambda: system_prompt_contrast(model, tok, qs, a.layers, cache_dir=None, progress=False)),
