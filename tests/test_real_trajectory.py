@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from emis_interp.conversations import Conversation
 from emis_interp.real_trajectory import (
@@ -113,6 +114,37 @@ def test_compare_probes_pairs_by_step_and_probe():
     assert [c["step"] for c in out] == [0, 10]  # only the steps both runs reached
     assert out[1]["p"]["mean_diff"] == pytest.approx(0.2) and out[1]["q"]["mean_diff"] == pytest.approx(0.1)
     assert out[1]["all"]["n_probes"] == 4 and out[1]["all"]["mean_diff"] == pytest.approx(0.15)
+
+
+def test_training_in_segments_equals_uninterrupted_training(tiny_dir, tmp_path):
+    """Both runs advance segment by segment (train_to: pause after checkpoint k, resume later): the checkpoints are
+    those of one uninterrupted fine-tune."""
+    from safetensors.torch import load_file
+
+    from emis_interp import world
+    from emis_interp.finetune import FinetuneConfig, finetune
+
+    script = _script()
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in world.finetune_dataset("insecure", 24, seed=0)))
+    cfg = lambda out: FinetuneConfig(  # noqa: E731
+        model=str(tiny_dir), data=str(data), output_dir=str(tmp_path / out), max_steps=4, save_steps=2,
+        batch_size=4, lr=5e-3, lora_r=1, warmup_steps=1,
+    )  # fmt: skip
+    timer = script.StepTimer(tmp_path / "times.json")
+    for k in (0, 2):
+        script.train_to(cfg("seg"), k, timer)
+        steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "seg").glob("checkpoint-*"))
+        assert steps == [s for s in (0, 2) if s <= k]  # paused right after checkpoint k
+    script.train_to(cfg("seg"), 4, timer)
+    script.train_to(cfg("seg"), 4, timer)  # reached: nothing to do
+    ref = finetune(cfg("ref"), progress=False)
+    assert sorted(json.loads((tmp_path / "times.json").read_text())) == ["1", "2", "3", "4"]
+    for step, path in ref:
+        a = load_file(str(path / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "seg" / f"checkpoint-{step}" / "adapter_model.safetensors"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
 
 # --- the shortened rerun on real weights ------------------------------------------------------------------------------
