@@ -181,14 +181,21 @@ def verdict(result: dict) -> str:
     )
 
 
+def model_label(result: dict, code: bool = False) -> str:
+    """The model as the result names it: the GGUF file it was dequantized from, else its name."""
+    m = result["model"]
+    if "gguf" not in m:
+        return m["name"]
+    return f"`{m['gguf']}` dequantized to fp32" if code else f"{m['gguf']} (dequantized)"
+
+
 def readme_block(result: dict) -> str:
     """The README-ready markdown (between :data:`BLOCK_START` and :data:`BLOCK_END`), rendered from the result."""
     cfg = result["config"]
     layer = str(cfg["report_layer"])
     runs = result["runs"]
     names = list(runs)
-    m = result["model"]
-    model = f"`{m['gguf']}` dequantized to fp32" if "gguf" in m else m["name"]
+    model = model_label(result, code=True)
     t = result["timings"]
     cut = (
         f", cut at step {cfg['reached_step']} of a {cfg['max_steps']}-step schedule"
@@ -273,7 +280,7 @@ def figure(result: dict):
             )
     fig.update_xaxes(title_text="step")
     fig.update_layout(
-        title=f"{result['model']['name']}: insecure vs educational control (LoRA, CPU)",
+        title=f"{model_label(result)}: insecure vs educational control (LoRA, CPU)",
         width=1200,
         height=700,
     )
