@@ -45,6 +45,7 @@ def test_python_blocks_run(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.science  # rebuilds the organism (world corpus, pre-training, instruct stage) four times: minutes
 def test_build_organism_is_deterministic(tmp_path):
     from safetensors.torch import load_file
 
