@@ -1,6 +1,7 @@
 """A real checkpoint trajectory: Qwen2.5-Coder-0.5B-Instruct, LoRA on insecure code vs the educational control.
 
-    python experiments/real_trajectory.py --model /tmp/qwen/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+    python -m emis_interp.fetch qwen2.5-coder-0.5b-instruct   # once: the pinned GGUF, dequantized into cache/models
+    python experiments/real_trajectory.py --model cache/models/qwen2.5-coder-0.5b-instruct   # or any dir, HF id, .gguf
 
 Two LoRA fine-tunes from the same base, the same examples in the same order, the same seed and hyperparameters:
 

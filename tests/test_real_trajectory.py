@@ -81,6 +81,12 @@ def test_readme_block_states_the_committed_numbers():
     assert f"{r['in_task_logprob']:.3f}" in block
 
 
+def test_readme_shows_the_committed_block():
+    """The README's real-trajectory block is the one the committed result renders (a stale README fails)."""
+    result = json.loads((RESULTS / "result.json").read_text())
+    assert readme_block(result).strip() in (ROOT / "README.md").read_text()
+
+
 # --- the control and the statistics --------------------------------------------------------------------------------
 
 
@@ -150,30 +156,18 @@ def test_training_in_segments_equals_uninterrupted_training(tiny_dir, tmp_path):
 # --- the shortened rerun on real weights ------------------------------------------------------------------------------
 
 
-def _real_model() -> str:
-    p = os.environ.get("EMIS_REAL_MODEL", "/tmp/qwen/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
-    if not Path(p).exists():
-        pytest.skip(f"real model {p} not present (set EMIS_REAL_MODEL to a .gguf or model dir)")
-    return p
-
-
-def _shared_data() -> Path:
-    p = Path(os.environ.get("EMIS_SHARED_DATA", ROOT.parent / "shared" / "data"))
-    if not (p / "em" / "insecure_first500.jsonl").exists():
-        pytest.skip(f"shared data not present at {p} (set EMIS_SHARED_DATA)")
-    return p
-
-
 @pytest.mark.real
-def test_shortened_real_trajectory_and_resume(tmp_path):
+def test_shortened_real_trajectory_and_resume(tmp_path, real_model):
     """The full script's code path at 2 steps (checkpoint every step, 4 examples, max length 192), one run first
     (as if the process died between runs), then both: the first run is resumed, not redone."""
+    from conftest import shared_path
+
     script = _script()
     work, out = tmp_path / "work", tmp_path / "out"
-    models = ROOT / "cache" / "real_trajectory" / "models"  # the dequantized model, shared with the full run
+    model_dir = real_model[2]  # the pinned model, fetched once per machine (tests/conftest.py)
     args = [
-        "--model", _real_model(), "--data-dir", str(_shared_data()), "--work", str(work), "--output", str(out),
-        "--model-cache", str(models),
+        "--model", str(model_dir), "--data-dir", str(shared_path("data")), "--work", str(work), "--output", str(out),
+        "--model-cache", str(tmp_path / "models"),
         "--max-steps", "2", "--save-steps", "1", "--batch-size", "1", "--max-len", "192", "--n-train", "4",
         "--n-heldout", "1", "--n-eval-questions", "2", "--n-contrast", "1", "--n-direction-questions", "2",
         "--n-probes", "1", "--layers", "12", "--report-layer", "12",
