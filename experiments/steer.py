@@ -100,6 +100,8 @@ def main(argv=None):
         raise SystemExit("error: pass --layers for a real model (e.g. the middle layer), or --select-layers")
     direction = scaled_direction(r, args, args.select_layers or layers)
     common = dict(n_samples=args.samples, max_new_tokens=r["max_new_tokens"], batch_size=args.batch_size)
+    if not r["on_organism"]:  # the whole cost, the selection pass included, before anything is generated
+        confirm_cost(sweep_generations(args, direction, questions, r["control"]), args.yes, "steering sweep")
     if args.select_layers:
         selection = select_layer_alpha(
             r["model"], r["tokenizer"], direction, questions, r["judge"], args.select_layers, args.alpha,
@@ -116,8 +118,6 @@ def main(argv=None):
         direction, alphas, layers, args.seed, n_random=args.n_random, control=r["control"],
         match=args.match_multipliers, n_match=args.n_match,
     )  # fmt: skip
-    if not r["on_organism"]:
-        confirm_cost(len(arms) * sum(len(q.paraphrases) for q in questions) * args.samples, args.yes, "steering sweep")
     res = run_arms(
         r["model"], r["tokenizer"], questions, arms, r["judge"],
         n_samples=args.samples, max_new_tokens=r["max_new_tokens"], seed=args.seed, batch_size=args.batch_size,
@@ -138,6 +138,23 @@ def main(argv=None):
     )
     print(f"\nresult: {out / ('result-' + res.meta['key'] + '.json')}\nfigure: {', '.join(map(str, files))}")
     return res
+
+
+def sweep_generations(args, direction, questions, control) -> int:
+    """Answers the run will generate: the selection pass on its half of the questions (``--select-layers``:
+    the baseline and every layer x alpha), then the reported sweep of persona and control arms."""
+    prompts = lambda qs: sum(len(q.paraphrases) for q in qs)  # noqa: E731
+    n = 0
+    layers, alphas = args.layers, args.alpha
+    if args.select_layers:
+        sel, questions = split_questions(questions, args.seed)
+        n += (1 + len(args.select_layers) * sum(a != 0 for a in args.alpha)) * prompts(sel) * args.samples
+        layers, alphas = args.select_layers[:1], args.alpha[:1]  # one layer and alpha are reported
+    arms = steering_arms(
+        direction.select(layers), alphas, layers, args.seed, n_random=args.n_random, control=control,
+        match=args.match_multipliers, n_match=args.n_match,
+    )  # fmt: skip
+    return n + len(arms) * prompts(questions) * args.samples
 
 
 def scaled_direction(r: dict, args, layers):

@@ -200,6 +200,40 @@ def test_cost_gate_prints_and_refuses_without_yes_when_there_is_no_terminal(monk
     confirm_cost(COST_THRESHOLD, yes=True)
 
 
+def test_steer_with_selection_states_the_whole_cost_before_selecting(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--select-layers runs a selection pass first: its answers are in the cost, and nothing (not even the
+    selection) runs without --yes above the threshold."""
+    import io
+
+    import steer
+    import torch
+
+    import emis_interp.judges as judges
+    from emis_interp import PersonaDirection
+
+    q = tmp_path / "q.yaml"
+    q.write_text("".join(f"- id: q{i}\n  paraphrases: ['question {i} ?', 'again {i} ?']\n" for i in range(4)))
+    PersonaDirection(torch.randn(3, 32), [0, 1, 2], {"method": "test"}).save(tmp_path / "d.safetensors")
+    monkeypatch.setattr(judges, "get_judge", lambda spec, **kw: ("judge", spec))
+    selected = []
+    monkeypatch.setattr(steer, "select_layer_alpha", lambda *a, **k: selected.append(a) or 1 / 0)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    argv = ["--model", str(tiny_dir), "--direction", str(tmp_path / "d.safetensors"), "--questions", str(q),
+            "--judge", "openai:x", "--select-layers", "0", "1", "2", "--alpha", "-4", "-8", "--alpha-units", "raw",
+            "--samples", "100"]  # fmt: skip
+    with pytest.raises(SystemExit, match="pass --yes"):
+        steer.main(argv)
+    out = capsys.readouterr().out
+    # selection: (baseline + 3 layers x 2 alphas) x 2 questions x 2 paraphrases x 100 samples = 2800 answers
+    n_sel = 7 * 2 * 2 * 100
+    got = int(out.split("cost: ")[1].split(" generations")[0])
+    assert got > n_sel and selected == []
+    monkeypatch.setattr(steer, "run_arms", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        steer.main([*argv, "--yes"])
+    assert len(selected) == 1  # with --yes the selection runs
+
+
 def test_steer_on_a_real_model_states_its_cost_before_generating(tiny_dir, tmp_path, monkeypatch, capsys):
     import io
 
