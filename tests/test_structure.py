@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("generation", ["sampling", "export"]),
     ("training and experiments", ["finetune", "causality", "monitor"]),
     ("trajectories", ["trajectory", "weights"]),
-    ("analyses", ["screen", "behaviour"]),
+    ("analyses", ["screen", "behaviour", "real_trajectory"]),
     ("figures", ["plots"]),
     ("command line", ["cliargs", "cli"]),
     ("package", [""]),
