@@ -58,7 +58,7 @@ class Condition:
     - ``"ablate"``: remove each layer's own unit vector from the residual after each of ``layers``
       (default: the direction's layers). With ``ablate_to`` (``((layer, value), ...)``, one per layer) the
       component is *set* to ``value`` instead of 0: ``h <- h - (h . u) u + value u``. Mean-ablation passes a
-      reference model's mean projection per layer (e.g. :func:`emis_interp.finetune.base_projection`), so a
+      reference model's mean projection per layer (e.g. :func:`emis_interp.train_interventions.base_projection`), so a
       direction whose mean projection is negative is not pushed *towards* the trait, as zero-ablation does;
     - ``"ablate_writes"``: remove ``direction.unit(l)`` for the one layer ``l`` in ``layers`` (or the
       direction's only layer) from every write into the residual stream: exactly what
@@ -118,7 +118,7 @@ class Condition:
                 raise ValueError(
                     f"condition {self.name!r}: ablate_to names layers {got} but the condition ablates {want}; give one "
                     "(layer, value) per ablated layer, e.g. the reference model's mean projections "
-                    "(emis_interp.finetune.base_projection)."
+                    "(emis_interp.train_interventions.base_projection)."
                 )
             check_finite(torch.tensor([v for _, v in self.ablate_to]), "ablate_to")
         check_alpha(self.alpha)

@@ -48,19 +48,16 @@ from emis_interp import organism
 from emis_interp.cliargs import parse, parser
 from emis_interp.directions import PersonaDirection
 from emis_interp.errors import ConfigError
-from emis_interp.finetune import (
-    ABLATE_TO,
-    ALL_LINEAR,
-    INTERVENTION_FILE,
-    INTERVENTION_KINDS,
-    FinetuneConfig,
-    TrainIntervention,
-    finetune,
-    read_intervention,
-    run_manifest,
-)
+from emis_interp.finetune import ALL_LINEAR, FinetuneConfig, finetune, run_manifest
 from emis_interp.manifest import accept_code_change
 from emis_interp.models import load_tokenizer
+from emis_interp.train_interventions import (
+    ABLATE_TO,
+    INTERVENTION_FILE,
+    INTERVENTION_KINDS,
+    TrainIntervention,
+    read_intervention,
+)
 
 
 def add_intervention_args(ap: argparse.ArgumentParser) -> None:

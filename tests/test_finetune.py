@@ -355,7 +355,7 @@ def plain_run(tiny_dir, data, tmp_path_factory):
 def test_train_intervention_validates_inputs():
     from emis_interp import PersonaDirection
     from emis_interp.errors import ConfigError
-    from emis_interp.finetune import TrainIntervention
+    from emis_interp.train_interventions import TrainIntervention
 
     (d,) = _dirs(_unit(0))
     with pytest.raises(ConfigError, match="unknown intervention kind 'project'.*ablate"):
@@ -388,7 +388,7 @@ def test_train_intervention_validates_inputs():
 def test_misfit_intervention_refused_before_anything_is_written(tiny_dir, data, tmp_path):
     from emis_interp import PersonaDirection
     from emis_interp.errors import ConfigError
-    from emis_interp.finetune import TrainIntervention
+    from emis_interp.train_interventions import TrainIntervention
 
     wide = TrainIntervention("ablate", PersonaDirection(torch.ones(1, 64), [1]), [1])
     with pytest.raises(ConfigError, match="d_model=64 but the model has d_model=32"):
@@ -402,7 +402,7 @@ def test_misfit_intervention_refused_before_anything_is_written(tiny_dir, data, 
 
 def test_steering_acts_on_every_training_forward_and_changes_what_is_learned(tiny_dir, data, tmp_path, plain_run):
     from emis_interp import hooks
-    from emis_interp.finetune import TrainIntervention
+    from emis_interp.train_interventions import TrainIntervention
 
     (d,) = _dirs(_unit(0))
     iv = TrainIntervention("steer", d, [1], coef=3.0)
@@ -429,8 +429,8 @@ def test_steering_acts_on_every_training_forward_and_changes_what_is_learned(tin
 
 
 def test_ablation_of_a_direction_set_removes_its_span_in_training_forwards(tiny_dir, data, tmp_path):
-    from emis_interp.finetune import TrainIntervention
     from emis_interp.interventions import project_out
+    from emis_interp.train_interventions import TrainIntervention
 
     u1, r = _unit(1), _unit(2)
     r = r - (r @ u1) * u1
@@ -459,7 +459,8 @@ def test_mean_ablation_sets_the_span_to_the_base_models_mean_in_training_forward
 
     from emis_interp import PersonaDirection, load_jsonl, load_model
     from emis_interp.errors import ConfigError
-    from emis_interp.finetune import (
+    from emis_interp.manifest import ManifestMismatch
+    from emis_interp.train_interventions import (
         BASE_PROJECTION_EXAMPLES,
         INTERVENTION_FILE,
         AblationSignWarning,
@@ -467,7 +468,6 @@ def test_mean_ablation_sets_the_span_to_the_base_models_mean_in_training_forward
         mean_projection,
         mean_residual,
     )
-    from emis_interp.manifest import ManifestMismatch
 
     model, tok = load_model(tiny_dir, device="cpu")
     m = mean_residual(model, tok, load_jsonl(data), [0, 2], n_examples=BASE_PROJECTION_EXAMPLES)  # the base's mean
@@ -525,9 +525,10 @@ def test_mean_ablation_sets_the_span_to_the_base_models_mean_in_training_forward
 
 def test_ablation_hooks_reach_peft_layers_and_gradients_flow_like_the_reference(tiny_dir, convs):
     from emis_interp import load_model, make_batch
-    from emis_interp.finetune import TrainIntervention, _apply_lora, precision_plan
+    from emis_interp.finetune import _apply_lora, precision_plan
     from emis_interp.hooks import n_active_hooks
     from emis_interp.models import decoder_layers
+    from emis_interp.train_interventions import TrainIntervention
 
     model, tok = load_model(tiny_dir, device="cpu")
     cfg = FinetuneConfig(model=str(tiny_dir), data="x", output_dir="y", lora_r=2)
@@ -575,7 +576,7 @@ def test_checkpoints_carry_no_hooks_and_no_trace_of_the_intervention(tiny_dir, d
     from transformers import TrainerCallback
 
     from emis_interp import hooks, load_model
-    from emis_interp.finetune import TrainIntervention
+    from emis_interp.train_interventions import TrainIntervention
 
     class Keep(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kw):
@@ -613,7 +614,7 @@ def test_checkpoints_carry_no_hooks_and_no_trace_of_the_intervention(tiny_dir, d
 
 def test_full_finetune_checkpoint_configs_untouched_by_steering(tiny_dir, data, tmp_path):
     """Full fine-tunes save generation_config.json; the engine's generate guard must not leak into it."""
-    from emis_interp.finetune import TrainIntervention
+    from emis_interp.train_interventions import TrainIntervention
 
     (d,) = _dirs(_unit(6))
     kw = dict(mode="full", max_steps=2, save_steps=2, lr=1e-4)
@@ -634,7 +635,7 @@ def test_hooks_come_off_on_a_crash_and_the_same_intervention_resumes(tiny_dir, d
     from transformers import TrainerCallback
 
     from emis_interp import hooks
-    from emis_interp.finetune import TrainIntervention
+    from emis_interp.train_interventions import TrainIntervention
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kw):
@@ -652,11 +653,11 @@ def test_hooks_come_off_on_a_crash_and_the_same_intervention_resumes(tiny_dir, d
     assert [s for s, _ in finetune(cfg, progress=False, intervention=same)] == [0, 1, 2, 3]
 
 
-@pytest.mark.filterwarnings("ignore::emis_interp.finetune.AblationSignWarning")  # a random sign
+@pytest.mark.filterwarnings("ignore::emis_interp.train_interventions.AblationSignWarning")  # a random sign
 def test_intervention_is_in_the_manifest_and_a_changed_one_refuses(tiny_dir, data, tmp_path, monkeypatch):
     import emis_interp.models as models
-    from emis_interp.finetune import INTERVENTION_FILE, TrainIntervention
     from emis_interp.manifest import ManifestMismatch, read_manifest
+    from emis_interp.train_interventions import INTERVENTION_FILE, TrainIntervention
 
     d, other = _dirs(_unit(8), _unit(9))
     iv = TrainIntervention("ablate", d, [1])
@@ -698,7 +699,7 @@ def test_base_projection_matches_hidden_states_and_sign_warning(tiny_dir, data, 
     import warnings
 
     from emis_interp import PersonaDirection, load_jsonl, load_model, make_batch
-    from emis_interp.finetune import (
+    from emis_interp.train_interventions import (
         INTERVENTION_FILE,
         AblationSignWarning,
         TrainIntervention,

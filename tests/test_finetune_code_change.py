@@ -48,3 +48,27 @@ def test_finetune_cli_resumes_across_a_code_change_only_with_the_flag(tiny_dir, 
     assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
     ft_cli.main(argv)  # a plain rerun now matches; the record stays
     assert len(read_overrides(out)) == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "emis_interp.finetune",
+        "emis_interp.train_interventions",
+        "emis_interp.conversations",
+        "emis_interp.interventions",
+        "emis_interp.hooks",
+    ],
+)
+def test_fine_tune_code_version_digests_every_module_that_determines_the_training(name, monkeypatch):
+    """A code edit in any module the training runs (the train-time interventions, split out of finetune, included)
+    changes ``_code_version``, so the edited code never resumes the old code's checkpoints."""
+    import importlib
+    import inspect
+
+    from emis_interp import finetune, manifest
+
+    before = finetune._code_version()
+    mod = importlib.import_module(name)
+    monkeypatch.setitem(manifest._SOURCES, manifest._load_token(mod), (mod, inspect.getsource(mod) + "\nEDITED = 1\n"))
+    assert finetune._code_version() != before

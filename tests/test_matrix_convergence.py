@@ -45,8 +45,8 @@ def test_mean_ablation_uses_the_aligned_models_mean_projection(matrix):
     direction set's mean residual in the aligned model, projected on the run's model-diff direction per layer."""
     from emis_interp import organism
     from emis_interp.directions import model_diff
-    from emis_interp.finetune import mean_residual
     from emis_interp.models import load_model
+    from emis_interp.train_interventions import mean_residual
 
     conv = matrix["convergence"]
     s = matrix["config"]["seeds"][0]

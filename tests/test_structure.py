@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("batched adapters", ["lora_bank"]),
     ("interventions", ["interventions"]),
     ("generation", ["sampling", "export"]),
-    ("training and experiments", ["finetune", "causality", "monitor"]),
+    ("training and experiments", ["train_interventions", "finetune", "causality", "monitor"]),
     ("trajectories", ["trajectory", "weights"]),
     ("analyses", ["screen", "behaviour", "real_trajectory"]),
     ("figures", ["plots"]),
@@ -54,9 +54,7 @@ UPWARD_ALLOWED = {
     ("screen", "plots"): "screen_datasets saves screen_histogram beside its CSV",
 }
 MAX_LINES = 700
-LONGER = {  # modules allowed over MAX_LINES, with the reason; shrink, never grow
-    "finetune": (760, "to be split once the parallel issue-25 branches that edit it are merged"),
-}
+LONGER: dict[str, tuple[int, str]] = {}  # modules allowed over MAX_LINES, with the reason; shrink, never grow
 
 
 def _short(module: str) -> str:

@@ -70,7 +70,7 @@ def organism_trajectory(
 ) -> Path:
     """Fine-tune the aligned organism (or ``base``) on ``kind`` data (:data:`emis_interp.organism.world.FINETUNE_KINDS`); cached.
 
-    ``intervention``: a :class:`emis_interp.finetune.TrainIntervention` applied on every training forward
+    ``intervention``: a :class:`emis_interp.train_interventions.TrainIntervention` applied on every training forward
     pass (CAFT ablation, preventative steering); it is part of the run's manifest.
 
     Writes ``{root}/{kind}-s{seed}/checkpoint-{0,10,...}`` through :func:`emis_interp.finetune.finetune`

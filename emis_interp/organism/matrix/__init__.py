@@ -23,7 +23,7 @@ organism's exact judges, and writes ``cache/organism/matrix.json``. Its sections
 - ``pilot``: :func:`pilot_sweep`, every tuned setting (CAFT's layers, preventative steering's direction and
   coefficient, the backdoor row's alpha) chosen on held-out seeds by rules fixed before the sweep;
 - ``interventions``: CAFT ablation and preventative steering during the insecure fine-tune
-  (:class:`emis_interp.finetune.TrainIntervention`), each against the unintervened run and against
+  (:class:`emis_interp.train_interventions.TrainIntervention`), each against the unintervened run and against
   random directions of equal norm used the same way, per seed, with the base model's mean projection;
 - ``screening``: :func:`emis_interp.screen.screen_datasets` on every kind's data with the aligned model and
   its trait direction (:func:`trait_direction`), the Spearman correlation of the dataset-level projection

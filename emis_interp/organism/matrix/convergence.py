@@ -29,8 +29,8 @@ def _convergence(models: dict, aligned, tok, ev: dict, cfg: MatrixConfig, out: P
     zero-ablation (the direction's component removed) and by mean-ablation (set to the aligned model's mean
     projection on the direction set, :class:`emis_interp.sampling.Condition` ``ablate_to``), each against random
     directions ablated the same way."""
-    from ...finetune import mean_projection, mean_residual
     from ...stats import rank_p_value
+    from ...train_interventions import mean_projection, mean_residual
 
     layers = list(range(aligned.config.num_hidden_layers))
     convs = organism.direction_conversations()

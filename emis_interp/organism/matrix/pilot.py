@@ -19,7 +19,7 @@ from .screening import trait_direction
 
 
 def _steer(d, cfg: MatrixConfig, coef: float):
-    from ...finetune import TrainIntervention
+    from ...train_interventions import TrainIntervention
 
     return TrainIntervention("steer", d.select([cfg.steer_layer]), [cfg.steer_layer], coef)
 
@@ -55,9 +55,9 @@ def pilot_sweep(root: Path, cfg: MatrixConfig, overwrite: bool = False) -> dict:
     Cached in ``root/matrix/interventions/pilot.json`` under a manifest of the runs' final checkpoints, the config,
     the package source, weights and versions."""
     from ...causality import select_layer_alpha
-    from ...finetune import TrainIntervention
     from ...manifest import direction_state
     from ...models import load_model
+    from ...train_interventions import TrainIntervention
     from ..report import in_task_rate
 
     aligned, tok = load_model(organism.ALIGNED_DIR)
@@ -181,7 +181,7 @@ def _train_interventions(d_caft, d_steer, cfg: MatrixConfig, s: int, pilot: dict
     """``{arm name: TrainIntervention}``: CAFT ablation of ``d_caft`` at the pilot's layers, preventative steering
     with ``d_steer`` at ``steer_layer`` with the pilot's coefficient (:func:`pilot_sweep`), and ``n_random_train``
     random directions of equal per-layer norm used each way."""
-    from ...finetune import TrainIntervention
+    from ...train_interventions import TrainIntervention
 
     out = {}
     for k in range(cfg.n_random_train + 1):
@@ -215,7 +215,7 @@ def _intervention_runs(root: Path, runs: dict, cfg: MatrixConfig, pilot: dict) -
 
 
 def _interventions(iv: dict, ev: dict, cfg: MatrixConfig, out: Path) -> dict:
-    from ...finetune import read_intervention
+    from ...train_interventions import read_intervention
     from ..report import in_task_clusters, pooled_rate
 
     res: dict = {}
