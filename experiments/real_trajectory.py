@@ -29,7 +29,6 @@ with Chromium) to ``--output``. ``--model`` is a model dir, an HF id, or a ``.gg
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -44,6 +43,7 @@ import transformers
 from emis_interp import directions as directions_module
 from emis_interp.cache import atomic_write_text, verified_load
 from emis_interp.capture import capture_code
+from emis_interp.cliargs import parse, parser
 from emis_interp.conversations import Conversation, load_jsonl
 from emis_interp.data import load_judged, load_probes, load_questions, split_judged
 from emis_interp.directions import PersonaDirection, response_contrast, system_prompt_contrast
@@ -67,12 +67,14 @@ PROBE_SETS = ("pivotal_tokens", "single_letter")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--model", help="model dir, HF id, or .gguf file")
     ap.add_argument(
         "--render-only", action="store_true", help="only regenerate README_block.md and the figure from result.json"
     )
-    ap.add_argument("--output", type=Path, default=Path("results/real_trajectory"))
+    ap.add_argument(
+        "--output", type=Path, default=Path("results/real_trajectory"), help="result.json, manifest, block, figure"
+    )
     ap.add_argument("--work", type=Path, default=Path("cache/real_trajectory"), help="checkpoints and tracking")
     ap.add_argument(
         "--model-cache", type=Path, default=None, help="where a .gguf is dequantized (default: WORK/models)"
@@ -80,32 +82,31 @@ def parse_args(argv=None):
     ap.add_argument("--data-dir", type=Path, default=SHARED, help="the shared data dir (em/, mo_responses/)")
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS, help="train/track only these runs")
     t = ap.add_argument_group("fine-tuning (both runs)")
-    t.add_argument("--max-steps", type=int, default=20)
-    t.add_argument("--save-steps", type=int, default=10)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--batch-size", type=int, default=2)
-    t.add_argument("--max-len", type=int, default=256)
-    t.add_argument("--lora-r", type=int, default=32)
-    t.add_argument("--lora-alpha", type=float, default=64)
-    t.add_argument("--no-rslora", action="store_true")
-    t.add_argument("--warmup-steps", type=int, default=5)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--max-steps", type=int, default=20, help="optimizer steps of each run")
+    t.add_argument("--save-steps", type=int, default=10, help="a checkpoint every this many steps (and checkpoint-0)")
+    t.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (linear decay after warmup)")
+    t.add_argument("--batch-size", type=int, default=2, help="examples per step")
+    t.add_argument("--max-len", type=int, default=256, help="rows longer than this (either version) are skipped")
+    t.add_argument("--lora-r", type=int, default=32, help="LoRA rank")
+    t.add_argument("--lora-alpha", type=float, default=64, help="LoRA alpha")
+    t.add_argument("--no-rslora", action="store_true", help="plain LoRA scaling (alpha / r) instead of rsLoRA")
+    t.add_argument("--warmup-steps", type=int, default=5, help="linear warmup steps")
+    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    t.add_argument("--seed", type=int, default=1, help="training seed (both runs)")
     t.add_argument("--n-heldout", type=int, default=8, help="last rows of the insecure file, never trained on")
     t.add_argument("--n-train", type=int, default=None, help="keep only the first N fitting rows (default: all)")
     e = ap.add_argument_group("evaluation")
-    e.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18])
-    e.add_argument("--report-layer", type=int, default=12)
+    e.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18], help="layers whose activations are tracked")
+    e.add_argument("--report-layer", type=int, default=12, help="the layer shown in the block and figure")
     e.add_argument("--n-eval-questions", type=int, default=8, help="pre-registered questions for activations")
     e.add_argument("--n-direction-questions", type=int, default=None, help="first-plot texts (default: all 16)")
     e.add_argument("--n-contrast", type=int, default=4, help="answers per side per mo_responses file")
     e.add_argument("--n-probes", type=int, default=None, help="first N probes of each set (default: all 8)")
-    e.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--stop-at", type=int, default=None, help="stop after this checkpoint (a cut, stated in the result)"
     )
-    ap.add_argument("--no-png", action="store_true")
-    a = ap.parse_args(argv)
+    ap.add_argument("--no-png", action="store_true", help="write the figure as HTML only")
+    a = parse(ap, argv)
     if a.model is None and not a.render_only:
         ap.error("--model is required (a model dir, an HF id or a .gguf file), unless --render-only")
     if a.report_layer not in a.layers:

@@ -127,8 +127,8 @@ def test_training_in_segments_equals_uninterrupted_training(tiny_dir, tmp_path):
     those of one uninterrupted fine-tune."""
     from safetensors.torch import load_file
 
-    from emis_interp import world
     from emis_interp.finetune import FinetuneConfig, finetune
+    from emis_interp.organism import world
 
     script = _script()
     data = tmp_path / "train.jsonl"
