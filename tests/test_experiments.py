@@ -1,6 +1,7 @@
 """End-to-end tests of the command-line experiments on the model organism (the README's commands)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,8 @@ def test_steer_cli_exits_0_and_lowers_misalignment(tmp_path):
     assert boot("persona-4", "coherence")["value"] >= boot("baseline", "coherence")["value"] - 0.03
     rnd = [a["coherence"]["rate"] for n, a in arms.items() if n.startswith("random-4#")]
     assert sum(rnd) / len(rnd) < boot("persona-4", "coherence")["value"]
-    # the README's (and docs/quickstart.md's) printed rows are this run's: same numbers, to the printed digit
+    # the README's (and docs/quickstart.md's) printed rows are this run's: same numbers, within 3% or 0.005 (as the
+    # organism tables: sampling on another CPU can differ by an answer)
     printed = {
         line.split()[0]: line for line in r.stdout.splitlines() if line.split()[:1] in (["baseline"], ["persona-4"])
     }
@@ -62,7 +64,10 @@ def test_steer_cli_exits_0_and_lowers_misalignment(tmp_path):
             if line.split()[:1] in (["baseline"], ["persona-4"])
         }
         for name in ("baseline", "persona-4"):
-            assert shown[name].split() == printed[name].split(), (doc.name, shown[name], printed[name])
+            got, want = ([float(x) for x in re.findall(r"-?\d+\.\d+", line)] for line in (shown[name], printed[name]))
+            assert len(got) == len(want) == 9, (doc.name, shown[name], printed[name])
+            close = all(abs(a - b) <= max(0.005, 0.03 * abs(b)) for a, b in zip(got, want, strict=True))
+            assert close, (doc.name, shown[name], printed[name])
     assert list(tmp_path.glob("dose_response-*.html")) and (tmp_path / "plotly.min.js").exists()
 
 
