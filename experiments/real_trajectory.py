@@ -340,7 +340,7 @@ def main(argv=None) -> dict:
             timings[f"finetune_{run}_s"] = timings.get(f"finetune_{run}_s", 0) + time.perf_counter() - t
         # evaluate checkpoint k of every run (step 0, the base with LoRA B = 0, once: it is the same model)
         t = time.perf_counter()
-        ref = Trajectory.from_dir(a.work / a.runs[0], allow_gaps=True)
+        ref = Trajectory.from_dir(a.work / a.runs[0])  # any checkpoint-N set (a cut run has gaps)
         model, tok = ref.load()
         if dirs is None:
             ref.goto(model, 0)  # checkpoint-0: the base (LoRA B = 0)
